@@ -1,0 +1,112 @@
+"""`ModelConfig`: one decoder description that covers Llama, Qwen2, Qwen3 and GPT-2."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder-only LM.
+
+  ``vocab_size`` is the number of embedding rows (possibly padded, as in Qwen2.5);
+  ``real_vocab_size`` is the tokenizer's size, so losses can mask the padded rows.
+  """
+
+  family: str = "llama"
+  vocab_size: int = 256
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  intermediate_size: int = 128
+  max_position_embeddings: int = 2048
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+  rope_scaling: tuple[Any, ...] | None = None
+  tie_embeddings: bool = False
+  real_vocab_size: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  dtype: str = "float32"  # Compute dtype; params are kept in whatever dtype they arrive in.
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"unsupported model family {self.family!r}; supported: {FAMILIES}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.real_vocab_size is not None and self.real_vocab_size > self.vocab_size:
+      raise ValueError(f"real_vocab_size={self.real_vocab_size} exceeds "
+                       f"vocab_size={self.vocab_size} embedding rows")
+
+  # Family traits, derived rather than stored so a config cannot contradict its family.
+  @property
+  def is_gpt2(self) -> bool:
+    return self.family == "gpt2"
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.family in ("qwen2", "gpt2")
+
+  @property
+  def out_bias(self) -> bool:
+    return self.is_gpt2
+
+  @property
+  def qk_norm(self) -> bool:
+    return self.family == "qwen3"
+
+  @property
+  def gated_mlp(self) -> bool:
+    return not self.is_gpt2
+
+  @property
+  def vocab_limit(self) -> int:
+    """Rows of the output head that are real tokens."""
+    return self.real_vocab_size or self.vocab_size
+
+  def replace(self, **kwargs) -> ModelConfig:
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    for key in ("rope_scaling", "eos_token_id"):
+      if isinstance(d.get(key), list):
+        d[key] = tuple(d[key])
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+    return cls(**d)
+
+
+def num_params(config: ModelConfig) -> int:
+  """Parameter count (embeddings included once when tied), computed from the shape alone."""
+  d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  attn = d * (q + 2 * kv) + q * d
+  if config.qkv_bias:
+    attn += q + 2 * kv
+  if config.out_bias:
+    attn += d
+  if config.qk_norm:
+    attn += 2 * config.head_dim
+  mlp = (3 if config.gated_mlp else 2) * d * f + ((f + d) if config.is_gpt2 else 0)
+  norms_per = (2 if config.is_gpt2 else 1) * d
+  layer = attn + mlp + 2 * norms_per
+  total = L * layer + norms_per + config.vocab_size * d
+  if not config.tie_embeddings:
+    total += config.vocab_size * d
+  if config.is_gpt2:
+    total += config.max_position_embeddings * d
+  return total

@@ -1,0 +1,247 @@
+"""The decoder: one Flax definition for Llama, Qwen2, Qwen3 and GPT-2.
+
+Params are a plain nested dict, layers stacked on a leading axis ``L``. Weight matrices keep the
+PyTorch ``[out, in]`` order (heads split out), so Hugging Face tensors load without transposes:
+
+  embed/embedding            [V, D]         pos_embed/embedding (GPT-2)  [P, D]
+  layers/attn/q/weight       [L, H, hd, D]  layers/attn/{k,v}/weight     [L, K, hd, D]
+  layers/attn/o/weight       [L, D, H, hd]  layers/attn/{q,k}_norm/scale [L, hd]  (Qwen3)
+  layers/mlp/{gate,up}/weight [L, F, D]     layers/mlp/down/weight       [L, D, F]
+  layers/{attn,mlp}_norm/scale [L, D]       final_norm/scale             [D]
+  lm_head/weight             [V, D]         (absent when embeddings are tied)
+
+Biases, where a family has them, sit beside each weight with the weight's ``out`` shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbd_jax.config import ModelConfig
+
+Params = dict[str, Any]
+_INIT_STD = 0.02
+
+
+class Linear(nn.Module):
+  """y = x . W^T (+ b), contracting the last ``in_ndim`` axes of x with W's trailing axes."""
+
+  out_shape: tuple[int, ...]
+  in_ndim: int
+  use_bias: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.in_ndim:]
+    w = self.param("weight", nn.initializers.normal(_INIT_STD), (*self.out_shape, *in_shape))
+    n_out = len(self.out_shape)
+    dims = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(n_out, w.ndim)))
+    y = jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), (dims, ((), ())))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, self.out_shape).astype(self.dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """RMSNorm (x / rms(x) * scale) or LayerNorm ((x - mean) / std * scale + bias), in fp32."""
+
+  layer_norm: bool
+  eps: float
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (dim,))
+    x32 = x.astype(jnp.float32)
+    if self.layer_norm:
+      bias = self.param("bias", nn.initializers.zeros, (dim,))
+      x32 = x32 - x32.mean(-1, keepdims=True)
+      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+    # Hugging Face order: normalise in fp32, cast back, then scale in the input dtype.
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [hd/2] (fp32), with Llama 3 frequency scaling when configured."""
+  hd = config.head_dim
+  inv = (1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32)
+                                       / hd))).astype(np.float32)
+  if config.rope_scaling is None:
+    return inv
+  kind, factor, low, high, original = config.rope_scaling
+  if kind != "llama3":
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: 'llama3'")
+  low_wavelen, high_wavelen = original / low, original / high
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate(x, cos, sin):
+  """RoPE in the rotate-half convention: x * cos + rotate_half(x) * sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask, cos, sin):
+    c, dt = self.config, jnp.dtype(self.config.dtype)
+    q = Linear((c.num_heads, c.head_dim), 1, c.qkv_bias, dt, name="q")(x_BxTxD)
+    k = Linear((c.num_kv_heads, c.head_dim), 1, c.qkv_bias, dt, name="k")(x_BxTxD)
+    v = Linear((c.num_kv_heads, c.head_dim), 1, c.qkv_bias, dt, name="v")(x_BxTxD)
+    if c.qk_norm:
+      q = Norm(False, c.norm_eps, name="q_norm")(q)
+      k = Norm(False, c.norm_eps, name="k_norm")(k)
+    if cos is not None:
+      q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    out_BxTxHxK = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(c.head_dim),
+        implementation=None if mask is None and jax.default_backend() == "gpu" else "xla")
+    return Linear((c.hidden_size,), 2, c.out_bias, dt, name="o")(out_BxTxHxK)
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c, dt = self.config, jnp.dtype(self.config.dtype)
+    f = c.intermediate_size
+    if c.gated_mlp:
+      gate = Linear((f,), 1, False, dt, name="gate")(x)
+      h = jax.nn.silu(gate) * Linear((f,), 1, False, dt, name="up")(x)
+    else:
+      h = jax.nn.gelu(Linear((f,), 1, True, dt, name="up")(x), approximate=True)
+    return Linear((c.hidden_size,), 1, c.is_gpt2, dt, name="down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; written for ``nn.scan`` (carry = residual stream)."""
+
+  config: ModelConfig
+  output_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin):
+    c = self.config
+    x = x + Attention(c, name="attn")(Norm(c.is_gpt2, c.norm_eps, name="attn_norm")(x),
+                                      mask, cos, sin)
+    x = x + Mlp(c, name="mlp")(Norm(c.is_gpt2, c.norm_eps, name="mlp_norm")(x))
+    return x, (x if self.output_hidden else None)
+
+
+class Decoder(nn.Module):
+  """Token ids -> final normed hidden states [B, T, D] (and every layer's output if asked)."""
+
+  config: ModelConfig
+  output_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, ids_BxT, attention_mask=None, positions=None):
+    c, dt = self.config, jnp.dtype(self.config.dtype)
+    B, T = ids_BxT.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    embed = self.param("embed", nn.initializers.normal(_INIT_STD),
+                       (c.vocab_size, c.hidden_size), unbox=True)
+    x = jnp.take(embed, ids_BxT, axis=0).astype(dt)
+    cos = sin = None
+    if c.is_gpt2:
+      pos = self.param("pos_embed", nn.initializers.normal(_INIT_STD),
+                       (c.max_position_embeddings, c.hidden_size))
+      x = x + jnp.take(pos, positions, axis=0).astype(dt)
+    else:
+      angles = positions[..., None].astype(jnp.float32) * rope_frequencies(c)
+      angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+      cos, sin = jnp.cos(angles).astype(dt), jnp.sin(angles).astype(dt)
+    mask = None
+    if attention_mask is not None:
+      keep = attention_mask.astype(bool)
+      causal = jnp.tril(jnp.ones((T, T), bool))
+      # A query always sees itself, so fully padded rows stay finite (their outputs are unused).
+      mask = (causal & keep[:, None, None, :]) | jnp.eye(T, dtype=bool)
+    block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast,) * 3, length=c.num_layers)
+    hidden = [x]
+    x, per_layer = layers(c, self.output_hidden, name="layers")(x, mask, cos, sin)
+    x = Norm(c.is_gpt2, c.norm_eps, name="final_norm")(x)
+    if self.output_hidden:
+      return x, jnp.concatenate([hidden[0][None], per_layer], axis=0)
+    return x, None
+
+
+def _wrap_embeddings(params: Params) -> Params:
+  """Our dict stores embeddings as ``{"embedding": ...}``; linen stores the bare array."""
+  out = dict(params)
+  out["embed"] = params["embed"]["embedding"]
+  if "pos_embed" in params:
+    out["pos_embed"] = params["pos_embed"]["embedding"]
+  out.pop("lm_head", None)
+  return out
+
+
+def _unwrap_embeddings(linen_params: Params) -> Params:
+  out = dict(linen_params)
+  out["embed"] = {"embedding": linen_params["embed"]}
+  if "pos_embed" in linen_params:
+    out["pos_embed"] = {"embedding": linen_params["pos_embed"]}
+  return out
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+  """Random params (normal(0.02) weights, zero biases, unit norm scales) as a nested dict."""
+  k_model, k_head = jax.random.split(rng)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  params = _unwrap_embeddings(Decoder(config).init(k_model, ids)["params"])
+  if not config.tie_embeddings:
+    w = _INIT_STD * jax.random.normal(k_head, (config.vocab_size, config.hidden_size))
+    params["lm_head"] = {"weight": w}
+  return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def head_weight(config: ModelConfig, params: Params) -> jax.Array:
+  """The output embedding [V, D]: the input embedding when tied, else ``lm_head``."""
+  return params["embed"]["embedding"] if config.tie_embeddings else params["lm_head"]["weight"]
+
+
+def apply_hidden(config: ModelConfig, params: Params, ids_BxT, attention_mask=None,
+                 positions=None, output_hidden: bool = False):
+  """Returns (final normed hidden [B, T, D], per-layer residuals [L+1, B, T, D] or None).
+
+  ``per_layer[0]`` is the embedding output and ``per_layer[i]`` the output of layer i, before the
+  final norm. ``attention_mask`` [B, T] marks real tokens (1) against padding (0).
+  """
+  return Decoder(config, output_hidden).apply({"params": _wrap_embeddings(params)}, ids_BxT,
+                                              attention_mask, positions)
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, hidden_BxTxD) -> jax.Array:
+  """Output logits [B, T, V] in fp32 from final hidden states."""
+  w = head_weight(config, params)
+  dt = jnp.dtype(config.dtype)
+  return jnp.einsum("btd,vd->btv", hidden_BxTxD.astype(dt), w.astype(dt),
+                    preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params: Params, ids_BxT, attention_mask=None,
+            positions=None) -> jax.Array:
+  """Logits [B, T, V] (fp32) for token ids [B, T]."""
+  hidden, _ = apply_hidden(config, params, ids_BxT, attention_mask, positions)
+  return logits_from_hidden(config, params, hidden)

@@ -1,0 +1,32 @@
+"""cbd-jax: Chain-based Distillation in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cbd-jax",
+    version="0.1.0",
+    description="Chain-based Distillation: a chain of distilled anchors, any size in between.",
+    packages=find_packages(include=["cbd_jax", "cbd_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",
+        "tokenizers>=0.21",
+        "huggingface_hub>=0.30",
+        "datasets>=3.0",
+        "safetensors>=0.5",
+        "ml_collections>=1.0",
+        "einops>=0.8",
+        "gguf>=0.16",
+        "numpy",
+        "ml_dtypes",
+        "tqdm",
+    ],
+    extras_require={
+        # The numerical oracle (PyTorch transformers) and the tools for tests and benchmarks.
+        "dev": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "matplotlib", "ruff"],
+    },
+)
