@@ -1,0 +1,194 @@
+"""`load_hf` / `save_hf`: Hugging Face checkpoints in, Hugging Face folders out.
+
+Sources: a local folder (config.json + model.safetensors, a sharded safetensors index, or
+pytorch_model.bin), a ``.gguf`` file (Llama architecture), or a hub id (downloaded through
+``huggingface_hub`` into its cache). torch is imported only for ``.bin`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from cbd_jax import convert, hf_config
+from cbd_jax.config import ModelConfig
+from cbd_jax.gguf_io import read_gguf
+from cbd_jax.safetensors_io import CheckpointError, read_safetensors, save_sharded
+
+log = logging.getLogger(__name__)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                np.dtype(np.float16): "float16"}
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+  """A local folder or file as is; a hub id ("org/name") is downloaded (or found in the cache)."""
+  path = Path(path_or_id).expanduser()
+  if path.exists():
+    return path
+  name = str(path_or_id)
+  if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+    raise FileNotFoundError(f"{name}: no such file or folder (and not a hub id like 'org/name')")
+  import huggingface_hub
+
+  try:
+    folder = huggingface_hub.snapshot_download(name, allow_patterns=_HUB_PATTERNS)
+  except Exception as e:  # Offline, unknown repo, gated repo...: one line, with the fix.
+    raise FileNotFoundError(f"{name}: could not fetch from the Hugging Face hub "
+                            f"({type(e).__name__}); download it and pass the local folder") from None
+  files = os.listdir(folder)
+  if not any(f.endswith(".safetensors") for f in files):
+    log.info("%s has no safetensors; fetching pytorch_model.bin", name)
+    folder = huggingface_hub.snapshot_download(name, allow_patterns=[*_HUB_PATTERNS, "*.bin"])
+  return Path(folder)
+
+
+def _tokenizer_size(folder: Path) -> int | None:
+  """Number of tokens (added ones included) in the folder's tokenizer.json, if there is one."""
+  if not (folder / "tokenizer.json").exists():
+    return None
+  import tokenizers
+
+  return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(True)
+
+
+def _read_bin(path: Path) -> dict[str, np.ndarray]:
+  import torch
+
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({e}); re-download it") from None
+  out = {}
+  for name, t in state.items():
+    if t.dtype == torch.bfloat16:
+      out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+      out[name] = t.numpy()
+  return out
+
+
+def _read_weights(folder: Path) -> Mapping[str, np.ndarray]:
+  """All tensors of a model folder, whichever of the standard layouts it uses."""
+  for index_name, reader in (("model.safetensors.index.json", read_safetensors),
+                             ("pytorch_model.bin.index.json", _read_bin)):
+    index = folder / index_name
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      tensors: dict[str, np.ndarray] = {}
+      for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).exists():
+          raise CheckpointError(f"{folder / shard}: shard listed in {index_name} is missing; "
+                                "re-download the checkpoint")
+        tensors.update(reader(folder / shard))
+      return tensors
+  if (folder / "model.safetensors").exists():
+    return read_safetensors(folder / "model.safetensors")
+  if (folder / "pytorch_model.bin").exists():
+    return _read_bin(folder / "pytorch_model.bin")
+  raise CheckpointError(f"{folder}: no model.safetensors, safetensors index or pytorch_model.bin")
+
+
+def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
+  """Like `load_hf` but returns numpy params (host memory), e.g. to place them on a mesh."""
+  path = resolve(path_or_id)
+  if path.is_file() and path.suffix == ".gguf":
+    raw_config, tensors = read_gguf(path)
+    config = hf_config.from_hf_config(raw_config, str(path))
+    where = str(path)
+  else:
+    if path.is_file():
+      raise CheckpointError(f"{path}: pass the model folder (with config.json) or a .gguf file")
+    if not (path / "config.json").exists():
+      raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face model folder")
+    try:
+      raw_config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+      raise hf_config.ConfigError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    config = hf_config.from_hf_config(raw_config, str(path / "config.json"))
+    if config.real_vocab_size is None:
+      size = _tokenizer_size(path)
+      if size is not None and size <= config.vocab_size:
+        config = config.replace(real_vocab_size=size)
+    tensors = _read_weights(path)
+    where = str(path)
+  if dtype is not None:
+    dtype = np.dtype(dtype)
+  params = convert.from_hf_tensors(config, tensors, where, dtype)
+  return config, params
+
+
+def load_hf(path_or_id: str | os.PathLike, dtype=None,
+            sharding: Any | Callable[[dict], Any] | None = None) -> tuple[ModelConfig, dict]:
+  """Loads (config, params) from an HF folder, a hub id or a .gguf file; no torch needed.
+
+  ``dtype`` casts the params (default: keep the file's dtype). ``sharding`` is a pytree of
+  shardings matching the params, or a function from the numpy params to one.
+  """
+  config, params = load_hf_numpy(path_or_id, dtype)
+  if callable(sharding):
+    sharding = sharding(params)
+  return config, jax.device_put(params, sharding)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+  """The transformers tokenizer of an HF folder, hub id, or .gguf file."""
+  from transformers import AutoTokenizer
+
+  path = resolve(path_or_id)
+  if path.is_file() and path.suffix == ".gguf":
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  return AutoTokenizer.from_pretrained(str(path))
+
+
+def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, tokenizer=None,
+            dtype=None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+  """Writes a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+  The folder appears whole or not at all (written beside it, then renamed); an existing non-empty
+  folder is kept unless ``overwrite``. ``dtype`` casts (default: the params' own dtype, which makes
+  save -> load bit-exact). ``tokenizer``: a transformers or `tokenizers` tokenizer, or a path.
+  """
+  out_dir = Path(out_dir)
+  if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose another path or "
+                          "pass overwrite=True")
+  tensors = convert.to_hf_tensors(config, params)
+  if dtype is not None:
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+  first = next(iter(tensors.values()))
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    save_sharded(tmp, tensors, max_shard_bytes)
+    raw = hf_config.to_hf_config(config, _DTYPE_NAMES.get(first.dtype, "float32"))
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    if tokenizer is not None:
+      _save_tokenizer(tokenizer, tmp)
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+  if isinstance(tokenizer, (str, os.PathLike)):
+    tokenizer = load_tokenizer(tokenizer)
+  if not hasattr(tokenizer, "save_pretrained"):  # A bare `tokenizers.Tokenizer`.
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+  tokenizer.save_pretrained(str(folder))
