@@ -1,0 +1,31 @@
+"""Data-free importance of units (channels, neurons, heads, kv groups, layers) from weight norms."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbd_jax.config import ModelConfig
+from cbd_jax.resize import SPLIT, check_params, leaf_specs
+
+
+def unit_scores(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+  """score_kind[u] = sum over leaves with a `kind` axis of mean_{other axes}(w^2)[u] / mean(w^2).
+
+  Each leaf is normalised by its own mean square, so no single tensor dominates. Layers are scored
+  only by what they write to the residual stream (o and down); a kv group adds its heads' scores.
+  """
+  flat = check_params(config, params, "params")
+  sizes = {"D": config.hidden_size, "F": config.intermediate_size, "H": config.num_heads,
+           "K": config.num_kv_heads, "L": config.num_layers}
+  scores = {k: np.zeros(n) for k, n in sizes.items()}
+  for path, spec in leaf_specs(config).items():
+    sq = np.square(np.asarray(flat[path], np.float32))
+    total = float(sq.mean()) or 1.0
+    for axis, (kind, role) in enumerate(spec):
+      if kind not in scores or (kind == "L" and role != SPLIT):
+        continue
+      other = tuple(a for a in range(sq.ndim) if a != axis)
+      scores[kind] += sq.mean(axis=other) / total
+  group = config.num_heads // config.num_kv_heads
+  scores["K"] += scores["H"].reshape(config.num_kv_heads, group).sum(-1)
+  return scores
