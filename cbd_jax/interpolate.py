@@ -1,0 +1,126 @@
+"""Anchor interpolation: theta_T = alpha * Grow(theta_small) + (1 - alpha) * Shrink(theta_large).
+
+``small`` and ``large`` are ``(config, params)`` pairs of one family and vocabulary; alpha weights
+the small anchor. Nothing here calls a teacher: the optional alpha sweep scores candidates by the
+target's own held-out loss on token ids the caller provides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cbd_jax import model, resize
+from cbd_jax.config import ModelConfig, num_params
+
+Anchor = tuple[ModelConfig, dict]
+DEFAULT_ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2).tolist())
+
+
+def default_alpha(small: ModelConfig, large: ModelConfig, target: ModelConfig) -> float:
+  """alpha = (P_large - P_target) / (P_large - P_small), clipped to [0, 1] (0.5 if P_l = P_s)."""
+  p_s, p_l, p_t = num_params(small), num_params(large), num_params(target)
+  if p_l == p_s:
+    return 0.5
+  return float(np.clip((p_l - p_t) / (p_l - p_s), 0.0, 1.0))
+
+
+def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_method="leading",
+                 grow_method="zero", depth="identity", rescale_norms=False):
+  """(Grow(small), Shrink(large), filled): both anchors on the target shape; ``filled`` is 1.0
+  where Grow(small) holds a source value and 0.0 where it only padded (zero fill / new layers)."""
+  (cs, ps), (cl, pl) = small, large
+  resize.check_compatible(cs, cl)
+  grown = resize.grow(cs, ps, target, method=grow_method, depth=depth,
+                      rescale_norms=rescale_norms)
+  shrunk = resize.shrink(cl, pl, target, method=shrink_method)
+  ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), ps)
+  filled = jax.tree.map(lambda x: (x != 0).astype(jnp.float32),
+                        resize.grow(cs, ones, target, method=grow_method, depth=depth))
+  return grown, shrunk, filled
+
+
+def mix(grown: dict, shrunk: dict, alpha, filled: dict | None = None) -> dict:
+  """alpha * grown + (1 - alpha) * shrunk (in fp32, cast to shrunk's dtype); where ``filled`` is 0
+  (only the large anchor has a value) the shrunk value is taken whole."""
+  def one(g, s, f=None):
+    out = alpha * g.astype(jnp.float32) + (1.0 - alpha) * s.astype(jnp.float32)
+    if f is not None:
+      out = jnp.where(f > 0, out, s.astype(jnp.float32))
+    return out.astype(s.dtype)
+
+  if filled is None:
+    return jax.tree.map(one, grown, shrunk)
+  return jax.tree.map(one, grown, shrunk, filled)
+
+
+def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
+                alpha: float | None = None, shrink_method: str = "leading",
+                grow_method: str = "zero", depth: str = "identity", renormalize: bool = False,
+                rescale_norms: bool = False) -> dict:
+  """alpha * Grow(small) + (1 - alpha) * Shrink(large) on ``target_config``'s shape.
+
+  ``alpha`` defaults to `default_alpha`. ``renormalize`` takes the large anchor's value whole in
+  the regions Grow only padded (where the plain mix would scale it by 1 - alpha).
+  """
+  if alpha is None:
+    alpha = default_alpha(small[0], large[0], target_config)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha={alpha} is outside [0, 1]; alpha weights the small anchor")
+  grown, shrunk, filled = anchor_views(small, large, target_config, shrink_method, grow_method,
+                                       depth, rescale_norms)
+  return mix(grown, shrunk, alpha, filled if renormalize else None)
+
+
+def make_loss_fn(config: ModelConfig):
+  """A jitted (params, ids [N, T]) -> (sum of next-token NLL, number of tokens) over the real
+  vocabulary (padded embedding rows masked)."""
+  def loss(params, ids_NxT):
+    logits_NxTxV = model.forward(config, params, ids_NxT[:, :-1])[..., :config.vocab_limit]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits_NxTxV, ids_NxT[:, 1:])
+    return nll.sum(), nll.size
+
+  return jax.jit(loss)
+
+
+def heldout_loss(config: ModelConfig, params: dict, ids_NxT: np.ndarray,
+                 batch_size: int = 4) -> float:
+  """Mean next-token cross entropy (nats) of ``params`` on ``ids`` [N, T], in batches of rows."""
+  loss_fn = make_loss_fn(config)
+  total, count = 0.0, 0
+  for i in range(0, len(ids_NxT), batch_size):
+    s, n = loss_fn(params, jnp.asarray(ids_NxT[i:i + batch_size]))
+    total, count = total + float(s), count + int(n)
+  return total / max(count, 1)
+
+
+def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_NxT: np.ndarray,
+                alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 4, **kwargs
+                ) -> tuple[float, dict[float, float]]:
+  """(best alpha, {alpha: held-out loss}): teacher-free choice of alpha by the target's own loss
+  on ``ids`` (keep them apart from the text the final number is reported on)."""
+  renormalize = kwargs.pop("renormalize", False)
+  grown, shrunk, filled = anchor_views(small, large, target_config, **kwargs)
+  filled = filled if renormalize else None
+
+  @jax.jit
+  def loss(alpha, grown, shrunk, filled, ids):
+    params = mix(grown, shrunk, alpha, filled)
+    logits = model.forward(target_config, params, ids[:, :-1])[..., :target_config.vocab_limit]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    return nll.sum(), nll.size
+
+  losses = {}
+  for alpha in alphas:
+    total, count = 0.0, 0
+    for i in range(0, len(ids_NxT), batch_size):
+      s, n = loss(jnp.float32(alpha), grown, shrunk, filled,
+                  jnp.asarray(ids_NxT[i:i + batch_size]))
+      total, count = total + float(s), count + int(n)
+    losses[float(alpha)] = total / max(count, 1)
+  best = min(losses, key=losses.get)
+  return best, losses
