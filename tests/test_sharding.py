@@ -1,0 +1,57 @@
+"""Mesh construction and name-based sharding rules."""
+
+import jax
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cbd_jax.config import ModelConfig
+from cbd_jax.sharding import batch_sharding, make_mesh, parse_rules, spec_for, tree_shardings
+from cbd_jax.train_step import abstract_params
+
+CONFIG = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, intermediate_size=64)
+
+
+def test_make_mesh_fills_minus_one_and_adds_missing_axes():
+  mesh = make_mesh({"data": -1, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 4, "tensor": 2, "fsdp": 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"data": 3}, "does not fit"), ({"data": -1, "fsdp": -1}, "at most one"),
+    ({"dp": 8}, "unknown mesh axes"), ({"data": 2}, "set one axis to -1")])
+def test_make_mesh_refuses_bad_shapes(shape, message):
+  with pytest.raises(ValueError, match=message):
+    make_mesh(shape)
+
+
+def test_rules_shard_params_and_adam_moments_alike():
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  params = abstract_params(CONFIG)
+  sh = tree_shardings(params, mesh)
+  assert sh["layers"]["attn"]["q"]["weight"].spec == P(None, "tensor", None, "fsdp")
+  assert sh["layers"]["mlp"]["down"]["weight"].spec == P(None, "fsdp", "tensor")
+  assert sh["embed"]["embedding"].spec == P("tensor", "fsdp")
+  assert sh["final_norm"]["scale"].spec == P()
+  opt_state = jax.eval_shape(optax.adam(1e-3).init, params)
+  opt_sh = tree_shardings(opt_state, mesh)
+  assert opt_sh[0].mu["layers"]["mlp"]["up"]["weight"].spec == P(None, "tensor", "fsdp")
+  assert opt_sh[0].count.spec == P()
+
+
+def test_axes_that_do_not_divide_a_dimension_are_dropped():
+  mesh = make_mesh({"fsdp": 2, "tensor": 4})
+  # 2 kv heads cannot be split 4 ways; 32 channels split 2 ways still can.
+  assert spec_for("layers/attn/k/weight", (2, 2, 8, 32), mesh) == P(None, None, None, "fsdp")
+  assert spec_for("layers/attn/q/weight", (2, 4, 8, 32), mesh) == P(None, "tensor", None, "fsdp")
+  assert spec_for("anything/else", (3, 5), mesh) == P()
+
+
+def test_parse_rules_and_batch_sharding():
+  rules = parse_rules([("mlp/.*/weight$", (None, ("fsdp", "tensor"), None))])
+  mesh = make_mesh({"fsdp": 2, "tensor": 4})
+  assert spec_for("layers/mlp/up/weight", (2, 64, 32), mesh, rules) == P(None, ("fsdp", "tensor"))
+  assert spec_for("embed/embedding", (128, 32), mesh, rules) == P()
+  assert batch_sharding(mesh, ndim=3, leading=1).spec == P(None, ("data", "fsdp"), None)
