@@ -101,7 +101,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask, cos, sin):
+  def __call__(self, x_BxTxD, mask, cos, sin, kv=None, cache_index=None):
     c, dt = self.config, jnp.dtype(self.config.dtype)
     q = Linear((c.num_heads, c.head_dim), 1, c.qkv_bias, dt, name="q")(x_BxTxD)
     k = Linear((c.num_kv_heads, c.head_dim), 1, c.qkv_bias, dt, name="k")(x_BxTxD)
@@ -111,10 +111,15 @@ class Attention(nn.Module):
       k = Norm(False, c.norm_eps, name="k_norm")(k)
     if cos is not None:
       q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if kv is not None:  # Decoding: write this step's keys/values into the cache, attend to it all.
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+      kv = (k, v)
     out_BxTxHxK = jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(c.head_dim),
         implementation=None if mask is None and jax.default_backend() == "gpu" else "xla")
-    return Linear((c.hidden_size,), 2, c.out_bias, dt, name="o")(out_BxTxHxK)
+    return Linear((c.hidden_size,), 2, c.out_bias, dt, name="o")(out_BxTxHxK), kv
 
 
 class Mlp(nn.Module):
@@ -139,22 +144,27 @@ class Block(nn.Module):
   output_hidden: bool = False
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, kv, cache_index):
     c = self.config
-    x = x + Attention(c, name="attn")(Norm(c.is_gpt2, c.norm_eps, name="attn_norm")(x),
-                                      mask, cos, sin)
+    h, kv = Attention(c, name="attn")(Norm(c.is_gpt2, c.norm_eps, name="attn_norm")(x),
+                                      mask, cos, sin, kv, cache_index)
+    x = x + h
     x = x + Mlp(c, name="mlp")(Norm(c.is_gpt2, c.norm_eps, name="mlp_norm")(x))
-    return x, (x if self.output_hidden else None)
+    return x, (x if self.output_hidden else None, kv)
 
 
 class Decoder(nn.Module):
-  """Token ids -> final normed hidden states [B, T, D] (and every layer's output if asked)."""
+  """Token ids -> (final normed hidden [B, T, D], every layer's output if asked, updated cache).
+
+  With a ``cache`` ({"k", "v"}: [L, B, S, K, hd]) the T new tokens sit at positions
+  ``cache_index ... cache_index + T - 1`` of it and ``attention_mask`` covers all S slots.
+  """
 
   config: ModelConfig
   output_hidden: bool = False
 
   @nn.compact
-  def __call__(self, ids_BxT, attention_mask=None, positions=None):
+  def __call__(self, ids_BxT, attention_mask=None, positions=None, cache=None, cache_index=0):
     c, dt = self.config, jnp.dtype(self.config.dtype)
     B, T = ids_BxT.shape
     if positions is None:
@@ -172,20 +182,26 @@ class Decoder(nn.Module):
       angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
       cos, sin = jnp.cos(angles).astype(dt), jnp.sin(angles).astype(dt)
     mask = None
-    if attention_mask is not None:
-      keep = attention_mask.astype(bool)
-      causal = jnp.tril(jnp.ones((T, T), bool))
+    if attention_mask is not None or cache is not None:
+      S = T if cache is None else cache["k"].shape[2]
+      keep = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+      query_pos, key_pos = cache_index + jnp.arange(T), jnp.arange(S)
       # A query always sees itself, so fully padded rows stay finite (their outputs are unused).
-      mask = (causal & keep[:, None, None, :]) | jnp.eye(T, dtype=bool)
+      mask = ((key_pos[None, :] <= query_pos[:, None]) & keep[:, None, None, :]
+              | (key_pos[None, :] == query_pos[:, None]))
+    kv = None if cache is None else (cache["k"], cache["v"])
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,) * 3, length=c.num_layers)
-    hidden = [x]
-    x, per_layer = layers(c, self.output_hidden, name="layers")(x, mask, cos, sin)
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                     length=c.num_layers)
+    embedded = x
+    x, (per_layer, kv) = layers(c, self.output_hidden, name="layers")(x, mask, cos, sin, kv,
+                                                                      cache_index)
     x = Norm(c.is_gpt2, c.norm_eps, name="final_norm")(x)
+    new_cache = None if kv is None else {"k": kv[0], "v": kv[1]}
     if self.output_hidden:
-      return x, jnp.concatenate([hidden[0][None], per_layer], axis=0)
-    return x, None
+      per_layer = jnp.concatenate([embedded[None], per_layer], axis=0)
+    return x, per_layer, new_cache
 
 
 def _wrap_embeddings(params: Params) -> Params:
@@ -247,8 +263,26 @@ def apply_hidden(config: ModelConfig, params: Params, ids_BxT, attention_mask=No
   ``per_layer[0]`` is the embedding output and ``per_layer[i]`` the output of layer i, before the
   final norm. ``attention_mask`` [B, T] marks real tokens (1) against padding (0).
   """
-  return Decoder(config, output_hidden).apply({"params": _wrap_embeddings(params)}, ids_BxT,
-                                              attention_mask, positions)
+  hidden, per_layer, _ = Decoder(config, output_hidden).apply(
+      {"params": _wrap_embeddings(params)}, ids_BxT, attention_mask, positions)
+  return hidden, per_layer
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> dict[str, jax.Array]:
+  """An empty key/value cache {"k", "v"}: [L, B, S, K, hd] in the compute dtype."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+
+
+def apply_cached(config: ModelConfig, params: Params, ids_BxT, cache, cache_index,
+                 attention_mask=None, positions=None):
+  """Runs T new tokens against a cache; returns (fp32 logits [B, T, V], updated cache).
+
+  ``attention_mask`` [B, S] marks the real slots of the whole cache (prompt padding = 0).
+  """
+  hidden, _, cache = Decoder(config).apply({"params": _wrap_embeddings(params)}, ids_BxT,
+                                           attention_mask, positions, cache, cache_index)
+  return logits_from_hidden(config, params, hidden), cache
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, hidden_BxTxD) -> jax.Array:
