@@ -38,19 +38,20 @@ def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_metho
   grown = resize.grow(cs, ps, target, method=grow_method, depth=depth,
                       rescale_norms=rescale_norms)
   shrunk = resize.shrink(cl, pl, target, method=shrink_method)
-  ones = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), ps)
-  filled = jax.tree.map(lambda x: (x != 0).astype(jnp.float32),
+  ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), ps)
+  filled = jax.tree.map(lambda x: (x != 0).astype(np.float32),
                         resize.grow(cs, ones, target, method=grow_method, depth=depth))
   return grown, shrunk, filled
 
 
-def mix(grown: dict, shrunk: dict, alpha, filled: dict | None = None) -> dict:
+def mix(grown: dict, shrunk: dict, alpha, filled: dict | None = None, xp=np) -> dict:
   """alpha * grown + (1 - alpha) * shrunk (in fp32, cast to shrunk's dtype); where ``filled`` is 0
-  (only the large anchor has a value) the shrunk value is taken whole."""
+  (only the large anchor has a value) the shrunk value is taken whole. ``xp``: np or jnp."""
   def one(g, s, f=None):
-    out = alpha * g.astype(jnp.float32) + (1.0 - alpha) * s.astype(jnp.float32)
+    g32, s32 = xp.asarray(g, xp.float32), xp.asarray(s, xp.float32)
+    out = alpha * g32 + (1.0 - alpha) * s32
     if f is not None:
-      out = jnp.where(f > 0, out, s.astype(jnp.float32))
+      out = xp.where(f > 0, out, s32)
     return out.astype(s.dtype)
 
   if filled is None:
@@ -109,7 +110,7 @@ def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_Nx
 
   @jax.jit
   def loss(alpha, grown, shrunk, filled, ids):
-    params = mix(grown, shrunk, alpha, filled)
+    params = mix(grown, shrunk, alpha, filled, xp=jnp)
     logits = model.forward(target_config, params, ids[:, :-1])[..., :target_config.vocab_limit]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
     return nll.sum(), nll.size

@@ -29,7 +29,6 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax.config import ModelConfig
@@ -184,20 +183,21 @@ def _apply_axis(x, axis: int, amap: AxisMap, role: str | None):
   trivial = m == 1 and np.all(amap.src[:, 0] == np.arange(n)) and n == x.shape[axis]
   if trivial and np.all(w == 1):
     return x
-  g = jnp.take(x, np.maximum(amap.src, 0).reshape(-1), axis=axis)
-  g = jnp.moveaxis(g, axis, -1).reshape(*g.shape[:axis], *g.shape[axis + 1:], n, m)
+  g = np.take(x, np.maximum(amap.src, 0).reshape(-1), axis=axis)
+  g = np.moveaxis(g, axis, -1).reshape(*g.shape[:axis], *g.shape[axis + 1:], n, m)
   if m == 1 and np.all(w == 1):
     out = g[..., 0]
   else:
-    out = (g.astype(jnp.float32) * jnp.asarray(w, jnp.float32)).sum(-1).astype(x.dtype)
-  return jnp.moveaxis(out, -1, axis)
+    out = (g.astype(np.float32) * w.astype(np.float32)).sum(-1).astype(x.dtype)
+  return np.moveaxis(out, -1, axis)
 
 
 def apply_maps(config: ModelConfig, params: Params, target: ModelConfig,
                maps: dict[str, AxisMap]) -> Params:
-  """Applies one AxisMap per axis kind to every leaf; checks every source and target leaf."""
+  """Applies one AxisMap per axis kind to every leaf (on the host, in numpy: no compiles);
+  checks every source and target leaf."""
   check_compatible(config, target)
-  flat = check_params(config, params, "source params")
+  flat = {k: np.asarray(v) for k, v in check_params(config, params, "source params").items()}
   sizes = axis_sizes(target)
   maps = dict(maps)
   for kind in ("V", "P", "hd"):
@@ -352,7 +352,7 @@ def resize(config: ModelConfig, params: Params, target: ModelConfig, select: str
   out = apply_maps(config, params, target, maps)
   if rescale_norms and config.hidden_size != target.hidden_size:
     factor = math.sqrt(target.hidden_size / config.hidden_size)
-    out = _map_norm_scales(out, lambda s: (s.astype(jnp.float32) * factor).astype(s.dtype))
+    out = _map_norm_scales(out, lambda s: (s.astype(np.float32) * factor).astype(s.dtype))
   return out
 
 

@@ -100,6 +100,8 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
     raise ValueError(f"size {size} ({format_count(want)}) is outside the anchors' range "
                      f"[{format_count(p_small)}, {format_count(p_large)}] ({p_small:,} to "
                      f"{p_large:,} params); ask for a size in that range or add an anchor")
+  # FFN widths in multiples of ffn_multiple, or of what the anchors' FFN widths share if less.
+  ffn_multiple = math.gcd(ffn_multiple, small.intermediate_size, large.intermediate_size)
   multiple = width_multiple or small.head_dim
   if multiple % small.head_dim:
     raise ValueError(f"width_multiple {multiple} is not a multiple of head_dim "

@@ -1,0 +1,84 @@
+"""Initialise a model of any size between two anchors of a finished chain, with no teacher.
+
+  python launch/init_model.py --size=138m
+  python launch/init_model.py --size=60m --anchors runs/a/anchors/anchor2,runs/a/anchors/anchor1 \
+      --text heldout.txt --alpha_sweep
+
+theta_target = alpha * Grow(theta_small) + (1 - alpha) * Shrink(theta_large), written as a
+Hugging Face folder (with the anchors' tokenizer) that ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--size", required=True,
+                 help="target parameter count: 138m, 220M, 1.2b or a plain number")
+  p.add_argument("--chain", default="runs/smollm2_chain",
+                 help="chain folder with chain.json; its two adjacent finished anchors that "
+                      "bracket --size are used")
+  p.add_argument("--anchors", default=None,
+                 help="two Hugging Face folders 'DIR_A,DIR_B' to use instead of a chain")
+  p.add_argument("--use_source", action="store_true",
+                 help="also consider the chain's source model as the largest anchor")
+  p.add_argument("--out", default=None,
+                 help="output folder (default: <chain>/targets/<size>); an existing non-empty "
+                      "folder is refused unless --overwrite")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  p.add_argument("--alpha", type=float, default=None,
+                 help="weight of the small anchor; default (P_large - P_target) / (P_large - "
+                      "P_small) from parameter counts")
+  p.add_argument("--alpha_sweep", action="store_true",
+                 help="choose alpha in 0, 0.1, ..., 1 by held-out loss on the first half of "
+                      "--text (perplexity is then reported on the second half)")
+  p.add_argument("--text", default=None,
+                 help="plain-text file for the held-out perplexity (and the alpha sweep)")
+  p.add_argument("--eval_tokens", type=int, default=8192,
+                 help="tokens of --text to evaluate on")
+  p.add_argument("--seq_len", type=int, default=256, help="evaluation sequence length")
+  p.add_argument("--shrink_method", default="leading", choices=("leading", "importance"),
+                 help="units kept from the large anchor: leading slice or largest weight norms")
+  p.add_argument("--grow_method", default="zero", choices=("zero", "net2net"),
+                 help="new units of the grown small anchor: zeros or Net2Net copies")
+  p.add_argument("--depth", default="identity", choices=("identity", "repeat"),
+                 help="new layers of the grown small anchor: identity layers or repeats")
+  p.add_argument("--renormalize", action="store_true",
+                 help="where Grow only padded, take the large anchor's value whole")
+  p.add_argument("--dtype", default=None, choices=DTYPES,
+                 help="dtype of the written weights (default: the anchors' dtype)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import ml_dtypes
+  import numpy as np
+
+  from cbd_jax import target
+
+  dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
+           None: None}[args.dtype]
+  try:
+    target.init_target(
+        args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
+        out=args.out, alpha=args.alpha, alpha_sweep=args.alpha_sweep, text=args.text,
+        shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
+        renormalize=args.renormalize, dtype=dtype, overwrite=args.overwrite,
+        use_source=args.use_source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
