@@ -20,7 +20,7 @@ Exactness of `grow`: FFN width and heads / kv groups are function-preserving wit
 Depth is exact with ``depth="identity"`` (new layers have zero o and down, so they add nothing);
 ``depth="repeat"`` copies layers and is not. Residual width is not exact: RMSNorm and LayerNorm
 average over the channels, which new channels change (zero-padding with RMSNorm is exact up to
-the norm scales, rescaled by sqrt(D_target / D_source), and eps; see ``rescale_norms``).
+the norm scales, rescaled by sqrt(D_source / D_target), and eps; see ``rescale_norms``).
 """
 
 from __future__ import annotations
@@ -290,8 +290,9 @@ def head_maps(src_cfg: ModelConfig, tgt_cfg: ModelConfig, fill: str, head_scores
     for j in range(ks // r):
       members = order_g[j * r:(j + 1) * r]
       groups.append((members, [h for g in members for h in order_h[g]]))
-  for j in range(len(groups), kt):  # More groups than the source has: copies or zero groups.
-    groups.append(groups[j % len(groups)] if fill == "net2net" else ([], []))
+  n_groups = len(groups)
+  for j in range(n_groups, kt):  # More groups than the source has: copies or zero groups.
+    groups.append(groups[j % n_groups] if fill == "net2net" else ([], []))
   groups = groups[:kt]
   q_src = []
   for _, heads in groups:
@@ -345,13 +346,13 @@ def resize(config: ModelConfig, params: Params, target: ModelConfig, select: str
            rescale_norms: bool = False) -> Params:
   """Params of shape ``target``: select on shrinking axes, fill on growing axes.
 
-  ``rescale_norms`` multiplies norm scales by sqrt(D_target / D_source), which keeps RMSNorm's
-  output magnitude when residual channels are added as zeros or removed.
+  ``rescale_norms`` multiplies norm scales by sqrt(D_source / D_target): RMSNorm over zero-padded
+  channels divides by a root mean square that is sqrt(D_source / D_target) times the source's.
   """
   maps = make_maps(config, params, target, select, fill, depth, layer_select)
   out = apply_maps(config, params, target, maps)
   if rescale_norms and config.hidden_size != target.hidden_size:
-    factor = math.sqrt(target.hidden_size / config.hidden_size)
+    factor = math.sqrt(config.hidden_size / target.hidden_size)
     out = _map_norm_scales(out, lambda s: (s.astype(np.float32) * factor).astype(s.dtype))
   return out
 
