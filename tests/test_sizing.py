@@ -1,0 +1,105 @@
+"""Size resolution: sizes parse, land on the anchors' line within 3%, out-of-range sizes fail."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from cbd_jax import model, sizing
+from cbd_jax.config import ModelConfig, num_params
+
+GPT2_SMALL = ModelConfig(family="gpt2", vocab_size=50257, hidden_size=768, num_layers=12,
+                         num_heads=12, num_kv_heads=12, head_dim=64, intermediate_size=3072,
+                         max_position_embeddings=1024, tie_embeddings=True)
+GPT2_MEDIUM = GPT2_SMALL.replace(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                                 intermediate_size=4096)
+SMOL = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                   num_kv_heads=3, head_dim=64, intermediate_size=1536, tie_embeddings=True)
+SMOL_SMALL = SMOL.replace(hidden_size=384, num_layers=16, num_heads=6, num_kv_heads=2,
+                          intermediate_size=1024)
+
+
+def _allocated_count(config):
+  """Parameter count of the model's own init, from shapes only (jax.eval_shape: no allocation)."""
+  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("text,count", [("138m", 138_000_000), ("220M", 220_000_000),
+                                        ("1.2b", 1_200_000_000), ("500k", 500_000),
+                                        ("138000000", 138_000_000), (" 0.5B ", 500_000_000),
+                                        (42_000, 42_000)])
+def test_parse_size(text, count):
+  assert sizing.parse_size(text) == count
+
+
+@pytest.mark.parametrize("bad", ["", "m", "12x", "-3m", "0", "1.2.3b", "ten"])
+def test_parse_size_rejects_with_an_example(bad):
+  with pytest.raises(ValueError, match="e.g. 138m"):
+    sizing.parse_size(bad)
+
+
+def test_gpt2_anchor_counts_are_gpt2s():
+  assert _allocated_count(GPT2_SMALL) == num_params(GPT2_SMALL) == 124_439_808
+  assert _allocated_count(GPT2_MEDIUM) == num_params(GPT2_MEDIUM) == 354_823_168
+
+
+@pytest.mark.parametrize("size,shape", [("138m", (14, 768)), ("220m", (18, 896))])
+def test_paper_sizes_between_gpt2_small_and_medium(size, shape):
+  target = sizing.resolve_size(size, GPT2_SMALL, GPT2_MEDIUM)
+  count = _allocated_count(target)
+  assert count == num_params(target)
+  assert abs(count - sizing.parse_size(size)) <= 0.03 * sizing.parse_size(size)
+  assert (target.num_layers, target.hidden_size) == shape  # The paper's inferred shapes.
+  assert target.num_heads * target.head_dim == target.hidden_size and target.head_dim == 64
+  assert target.intermediate_size == 4 * target.hidden_size  # GPT-2's FFN ratio is kept.
+  assert sizing.resolve_size(size, GPT2_MEDIUM, GPT2_SMALL) == target  # Either order.
+
+
+@pytest.mark.parametrize("size", ["130m", "150m", "180m", "260m", "300m", "340m"])
+def test_sizes_sit_near_the_line_within_tolerance(size):
+  target = sizing.resolve_size(size, GPT2_SMALL, GPT2_MEDIUM)
+  want = sizing.parse_size(size)
+  assert abs(num_params(target) - want) <= 0.03 * want
+  assert 12 <= target.num_layers <= 24 and 768 <= target.hidden_size <= 1024
+  assert target.hidden_size % 64 == 0 and target.intermediate_size % 128 == 0
+  _, _, distance = sizing.shape_at(GPT2_SMALL, GPT2_MEDIUM, target.num_layers,
+                                   target.hidden_size)
+  assert distance <= 0.2
+
+
+def test_anchor_sizes_return_the_anchor_shapes():
+  assert sizing.resolve_size(num_params(GPT2_SMALL), GPT2_SMALL, GPT2_MEDIUM) == GPT2_SMALL
+  assert sizing.resolve_size("354.8m", GPT2_SMALL, GPT2_MEDIUM) == GPT2_MEDIUM
+
+
+@pytest.mark.parametrize("size", ["60m", "100m", "120m"])
+def test_gqa_anchors_keep_their_group_size(size):
+  target = sizing.resolve_size(size, SMOL_SMALL, SMOL)
+  assert target.num_heads // target.num_kv_heads == 3
+  assert target.num_heads % target.num_kv_heads == 0
+  assert abs(num_params(target) - sizing.parse_size(size)) <= 0.03 * sizing.parse_size(size)
+
+
+def test_kv_heads_always_divide_heads():
+  for size in np.linspace(45e6, 134e6, 12).astype(int):
+    target = sizing.resolve_size(int(size), SMOL_SMALL, SMOL)
+    assert target.num_heads % target.num_kv_heads == 0
+
+
+@pytest.mark.parametrize("size", ["100m", "400m", "1.2b"])
+def test_out_of_range_sizes_name_the_valid_range(size):
+  with pytest.raises(ValueError, match=r"outside the anchors' range \[124.4M, 354.8M\]"):
+    sizing.resolve_size(size, GPT2_SMALL, GPT2_MEDIUM)
+
+
+def test_anchors_of_different_families_are_refused():
+  with pytest.raises(ValueError, match="families differ"):
+    sizing.resolve_size("100m", SMOL_SMALL, GPT2_SMALL)
+
+
+def test_describe_prints_shape_and_count():
+  line = sizing.describe(sizing.resolve_size("138m", GPT2_SMALL, GPT2_MEDIUM))
+  assert line == ("14 layers x 768 (12 heads, 12 kv heads of 64, ffn 3072), 138.6M params "
+                  "(138,615,552)")
