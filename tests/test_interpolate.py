@@ -1,0 +1,111 @@
+"""Interpolation: exact endpoints, default alpha, renormalisation, a sweep that matches the loss."""
+
+import jax
+import numpy as np
+import pytest
+
+from cbd_jax import interpolate, model, resize
+from cbd_jax.config import FAMILIES, ModelConfig, num_params
+
+
+def _config(family, **kw):
+  base = dict(family=family, vocab_size=53, hidden_size=32, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=24,
+              tie_embeddings=family == "gpt2")
+  return ModelConfig(**{**base, **kw})
+
+
+def random_params(config, seed):
+  rng = np.random.default_rng(seed)
+  return resize.unflatten({p: (0.2 * rng.standard_normal(s)).astype(np.float32)
+                           for p, s in resize.param_shapes(config).items()})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_alpha_one_and_zero_return_the_anchors_exactly(family):
+  config = _config(family)
+  small, large = random_params(config, 0), random_params(config, 1)
+  for alpha, expect in ((1.0, small), (0.0, large)):
+    for renormalize in (False, True):
+      out = interpolate.interpolate((config, small), (config, large), config, alpha,
+                                    renormalize=renormalize)
+      jax.tree.map(np.testing.assert_array_equal, out, expect)
+  half = interpolate.interpolate((config, small), (config, large), config, 0.25)
+  jax.tree.map(lambda o, s, b: np.testing.assert_allclose(o, 0.25 * s + 0.75 * b, atol=1e-7),
+               half, small, large)
+
+
+def _anchors(family="llama"):
+  small_cfg = _config(family)
+  large_cfg = small_cfg.replace(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
+                                intermediate_size=96)
+  return (small_cfg, random_params(small_cfg, 0)), (large_cfg, random_params(large_cfg, 1))
+
+
+def test_default_alpha_follows_parameter_counts():
+  (s, _), (b, _) = _anchors()
+  t = s.replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5, intermediate_size=64)
+  p_s, p_b, p_t = num_params(s), num_params(b), num_params(t)
+  assert interpolate.default_alpha(s, b, t) == pytest.approx((p_b - p_t) / (p_b - p_s))
+  assert interpolate.default_alpha(s, b, s) == 1.0 and interpolate.default_alpha(s, b, b) == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
+  small, large = _anchors(family)
+  target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
+                            intermediate_size=64)
+  alpha = interpolate.default_alpha(small[0], large[0], target)
+  out = resize.flatten(interpolate.interpolate(small, large, target))
+  grown = resize.flatten(resize.grow(*small, target))
+  shrunk = resize.flatten(resize.shrink(*large, target))
+  assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
+  for path, x in out.items():
+    np.testing.assert_allclose(x, alpha * grown[path] + (1 - alpha) * shrunk[path], atol=1e-6)
+
+
+def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
+  small, large = _anchors()
+  target = small[0].replace(num_layers=3, intermediate_size=64)
+  alpha = 0.7
+  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha))
+  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True))
+  shrunk = resize.flatten(resize.shrink(*large, target))
+  up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
+  np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
+  np.testing.assert_allclose(plain[up][:, 48:], 0.3 * shrunk[up][:, 48:], atol=1e-7)
+  np.testing.assert_array_equal(renorm[up][:, :48], plain[up][:, :48])
+  # Layer 1 is the identity layer inserted by Grow: its o and down come from the large anchor.
+  np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
+  np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
+
+
+def test_sweep_scores_each_alpha_by_the_targets_own_loss():
+  small, large = _anchors()
+  target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
+                            intermediate_size=64)
+  ids = np.random.default_rng(2).integers(0, 53, (3, 12))
+  best, losses = interpolate.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0))
+  assert set(losses) == {0.0, 0.4, 1.0} and best == min(losses, key=losses.get)
+  for alpha in (0.0, 0.4):
+    params = interpolate.interpolate(small, large, target, alpha)
+    assert losses[alpha] == pytest.approx(interpolate.heldout_loss(target, params, ids), rel=1e-5)
+
+
+def test_heldout_loss_is_mean_next_token_cross_entropy_over_real_vocab():
+  config = _config("qwen2", real_vocab_size=50)
+  params = random_params(config, 3)
+  ids = np.random.default_rng(4).integers(0, 50, (2, 7))
+  logits = np.asarray(model.forward(config, params, ids[:, :-1]), np.float64)[..., :50]
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+  assert interpolate.heldout_loss(config, params, ids, batch_size=1) == pytest.approx(want, 1e-5)
+
+
+def test_bad_inputs_are_refused():
+  small, large = _anchors()
+  with pytest.raises(ValueError, match="outside"):
+    interpolate.interpolate(small, large, small[0], alpha=1.5)
+  other = (_config("gpt2"), random_params(_config("gpt2"), 5))
+  with pytest.raises(ValueError, match="families differ"):
+    interpolate.interpolate(small, other, small[0])
