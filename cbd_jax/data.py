@@ -184,6 +184,17 @@ class PackedTokens:
             for i in range(num_batches)]
 
 
+def pack_stream(ds, tokenizer, seq_len: int, text_field: str = "text") -> Iterator[np.ndarray]:
+  """Sequences of seq_len + 1 tokens cut from the documents of ``ds`` in stream order."""
+  buf: list[int] = []
+  for texts in _documents(ds, text_field, batch_size=64):
+    for ids in _encode(tokenizer, texts):
+      buf.extend(ids)
+      while len(buf) >= seq_len + 1:
+        yield np.asarray(buf[: seq_len + 1], np.uint32)
+        del buf[: seq_len + 1]
+
+
 class StreamedTokens:
   """Packed sequences from a streamed dataset: seeded shuffle buffer, one slice per process."""
 
@@ -198,21 +209,16 @@ class StreamedTokens:
     self._iter, self._next_step = None, 0
 
   def _sequences(self) -> Iterator[np.ndarray]:
-    buf: list[int] = []
     epoch = 0
     while True:
       ds = self.ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
       ds.set_epoch(epoch)
       empty = True
-      for texts in _documents(ds, self.text_field, batch_size=64):
-        for ids in _encode(self.tokenizer, texts):
-          empty = False
-          buf.extend(ids)
-          while len(buf) >= self.seq_len + 1:
-            yield np.asarray(buf[: self.seq_len + 1], np.uint32)
-            del buf[: self.seq_len + 1]
+      for seq in pack_stream(ds, self.tokenizer, self.seq_len, self.text_field):
+        empty = False
+        yield seq
       if empty:
-        raise ValueError("the streamed dataset yielded no text")
+        raise ValueError("the streamed dataset yielded no complete sequence")
       epoch += 1
 
   def batch(self, step: int, microbatches: int, batch_size: int, process_index: int = 0,
@@ -238,7 +244,7 @@ def make_train_data(data_cfg, tokenizer, seq_len: int, cache_dir: str | os.PathL
   seed = int(data_cfg.seed)
   if data_cfg.get("streaming", False) or resolve_files(data_cfg.train) is None:
     ds = load_documents(data_cfg.train, data_cfg.text_field, data_cfg.get("hub_split", "train"),
-                        True, data_cfg.get("hub_config"))
+                        True, data_cfg.get("hub_config") or None)
     return StreamedTokens(ds, tokenizer, seq_len, seed, data_cfg.text_field, process_index,
                           process_count, data_cfg.get("shuffle_buffer", 10_000))
   tokens = load_tokens(data_cfg.train, tokenizer, cache_dir, data_cfg.text_field)
@@ -257,11 +263,24 @@ def heldout_size(num_sequences: int, fraction: float) -> int:
 def make_eval_batches(data_cfg, tokenizer, seq_len: int, batch_size: int, num_batches: int,
                       cache_dir: str | os.PathLike, process_index: int = 0,
                       process_count: int = 1) -> list[Batch]:
-  """Held-out batches: the ``heldout`` files, else the tail of the (local) training text."""
-  if data_cfg.get("heldout"):
-    tokens = load_tokens(data_cfg.heldout, tokenizer, cache_dir, data_cfg.text_field)
+  """Held-out batches: the ``heldout`` files or hub dataset (its first sequences, in order),
+  else the tail of the (local) training text."""
+  heldout = data_cfg.get("heldout")
+  if heldout and resolve_files(heldout) is None:
+    ds = load_documents(heldout, data_cfg.text_field, data_cfg.get("heldout_split", "validation"),
+                        True, data_cfg.get("heldout_config") or None)
+    seqs = []
+    for seq in pack_stream(ds, tokenizer, seq_len, data_cfg.text_field):
+      seqs.append(seq)
+      if len(seqs) == batch_size * num_batches:
+        break
+    packed = PackedTokens(np.concatenate(seqs) if seqs else np.zeros(0, np.uint32), seq_len, 0)
+  elif heldout:
+    tokens = load_tokens(heldout, tokenizer, cache_dir, data_cfg.text_field)
     packed = PackedTokens(tokens, seq_len, 0)
   else:
+    if resolve_files(data_cfg.train) is None:
+      raise ValueError("a streamed training set needs held-out text: set data.heldout")
     tokens = load_tokens(data_cfg.train, tokenizer, cache_dir, data_cfg.text_field)
     n = len(tokens) // (seq_len + 1)
     held = heldout_size(n, data_cfg.get("heldout_fraction", 0.01))
