@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from cbd_jax import checkpoint, data, hf_io, losses, manifest, metrics, resize, source
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.sharding import batch_sharding, make_mesh, parse_rules, tree_shardings
+from cbd_jax.sharding import MESH_AXES, batch_sharding, make_mesh, parse_rules, tree_shardings
 from cbd_jax.train_step import (
   LossSettings,
   abstract_params,
@@ -63,6 +63,32 @@ def link_steps(link) -> int:
   if link.steps <= 0:
     raise ValueError(f"link {link.name}: set steps > 0 or a token budget (tokens > 0)")
   return int(link.steps)
+
+
+def check_config(config) -> None:
+  """Refuses, with one line naming the field and the fix, a config the driver cannot run."""
+  names = [link.name for link in config.chain]
+  if not names:
+    raise ValueError("config.chain is empty; give at least one link")
+  if len(set(names)) != len(names):
+    raise ValueError(f"link names {names} repeat; give every link its own name")
+  unknown = set(dict(config.mesh)) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}")
+  for i, link in enumerate(config.chain):
+    where = f"config.chain[{i}] ({link.name})"
+    if link.get("bridge", "none") not in ("none", "", None):
+      raise ValueError(f"{where}: bridge {link.bridge!r} is not supported by the chain driver; "
+                       "use bridge='none' with a teacher of the same tokenizer")
+    if not link.get("init") and not any(dict(link.shape).values()):
+      raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
+    losses.check_kind(link.loss.kind)
+    link_steps(link)
+    for key in ("batch_size", "microbatches", "seq_len"):
+      if int(link[key]) < 1:
+        raise ValueError(f"{where}: {key} must be >= 1")
+  if config.checkpoint.every < 1:
+    raise ValueError("config.checkpoint.every must be >= 1")
 
 
 def student_config(link, teacher: ModelConfig) -> ModelConfig:
@@ -135,10 +161,6 @@ def train_link(config, index: int, teacher_path: str, tokenizer_path: str,
                entry: dict[str, Any], workdir: Path, on_start) -> dict[str, Any]:
   """Trains link ``index`` to completion (resuming if it can); returns the finished entry."""
   link = config.chain[index]
-  if link.get("bridge", "none") not in ("none", "", None):
-    raise ValueError(f"link {link.name}: bridge {link.bridge!r} is not supported by the chain "
-                     "driver yet; use bridge='none' with a teacher of the same tokenizer")
-  losses.check_kind(link.loss.kind)
   lead = jax.process_index() == 0
   t_config, t_params = hf_io.load_hf_numpy(teacher_path)
   tokenizer = hf_io.load_tokenizer(tokenizer_path)
@@ -257,6 +279,7 @@ def _sync(name: str) -> None:
 
 def run_chain(config) -> dict[str, Any]:
   """Builds (or resumes) every anchor of ``config.chain``; returns the final manifest."""
+  check_config(config)
   workdir = Path(os.path.expanduser(str(config.workdir)))
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)

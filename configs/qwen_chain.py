@@ -16,6 +16,8 @@ range) finds two adjacent anchors.
 
 import ml_collections as mlc
 
+VARIANTS = ("", "smoke")
+
 # Qwen2.5-0.5B: 24 x 896, 14 heads / 2 kv heads of 64, FFN 4864, tied embeddings (151,936 rows).
 ANCHOR_250M = dict(num_layers=20, hidden_size=640, num_heads=10, num_kv_heads=2,
                    intermediate_size=3456)  # 249.7M parameters.

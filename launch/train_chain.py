@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,16 +37,11 @@ def _maybe_initialize_distributed(jax) -> None:
     jax.distributed.initialize()
 
 
-def _load_config():
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  if not DEFAULT_CONFIG.exists():
-    sys.exit(f"error: no --config given and {DEFAULT_CONFIG.relative_to(ROOT)} does not exist "
-             "yet; pass one, e.g. --config=configs/qwen_chain.py:smoke")
-  sys.argv = [sys.argv[0], f"--config={DEFAULT_CONFIG}", *sys.argv[1:]]
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(sys.argv)
-  return _CONFIG.value
+def _with_default_config(argv: list[str]) -> list[str]:
+  """argv with --config=configs/default.py added when no --config is given and it exists."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv) or not DEFAULT_CONFIG.exists():
+    return argv
+  return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
 
 
 def main(argv):
@@ -56,7 +51,10 @@ def main(argv):
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "orbax", "jax._src", "datasets", "httpx", "huggingface_hub"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  config = _load_config()
+  config = _CONFIG.value
+  if config is None:
+    sys.exit(f"error: no --config given and {DEFAULT_CONFIG.relative_to(ROOT)} does not exist "
+             "yet; pass one, e.g. --config=configs/qwen_chain.py:smoke")
   import jax
 
   _maybe_initialize_distributed(jax)
@@ -85,4 +83,5 @@ def _fmt(x):
 
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
+  sys.argv = _with_default_config(sys.argv)
   app.run(main)

@@ -1,0 +1,89 @@
+"""Every file in configs/ loads in each of its variants, passes the driver's checks, and every
+field can be overridden from the command line (links by index)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cbd_jax.chain import check_config, link_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _module(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _variants():
+  for path in CONFIGS:
+    for variant in getattr(_module(path), "VARIANTS", ("",)):
+      yield pytest.param(path, variant, id=f"{path.stem}:{variant}")
+
+
+@pytest.mark.parametrize("path, variant", list(_variants()))
+def test_config_loads_and_passes_checks(path, variant):
+  config = _module(path).get_config(variant)
+  check_config(config)
+  assert config.workdir and config.source.path
+  for link in config.chain:
+    assert link_steps(link) >= 1
+
+
+def test_unknown_variant_is_refused():
+  for path in CONFIGS:
+    with pytest.raises(ValueError, match="unknown variant"):
+      _module(path).get_config("no-such-variant")
+
+
+def _parse(*args):
+  values, argv = flags.FlagValues(), ["prog", *args]
+  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_command_line_overrides_reach_links_by_index():
+  config = _parse(f"--config={ROOT / 'configs' / 'qwen_chain.py'}:smoke",
+                  "--config.chain[1].steps=3", "--config.chain[0].loss.kind=rkl",
+                  "--config.chain[1].optimizer.lr=0.5", "--config.mesh.fsdp=2",
+                  "--config.data.seed=7")
+  assert config.chain[1].steps == 3 and config.chain[0].loss.kind == "rkl"
+  assert config.chain[1].optimizer.lr == 0.5 and config.mesh.fsdp == 2 and config.data.seed == 7
+  assert config.chain[0].steps == 8  # Untouched fields keep the variant's values.
+
+
+def test_qwen_chain_brackets_138m_and_budgets_tokens():
+  config = _module(ROOT / "configs" / "qwen_chain.py").get_config("")
+  from cbd_jax.config import ModelConfig, num_params
+
+  qwen05 = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
+                       hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                       intermediate_size=4864, tie_embeddings=True)
+  counts = [num_params(qwen05.replace(**dict(link.shape))) for link in config.chain[1:]]
+  assert counts[0] > 138e6 > counts[1]
+  link = config.chain[1]
+  assert link_steps(link) * link.batch_size * link.microbatches * link.seq_len >= link.tokens
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("chain[0].bridge", "vocab", "bridge"), ("chain[1].loss.kind", "kl2", "kind"),
+    ("mesh.model", 2, "unknown axes")])
+def test_bad_fields_are_refused_with_their_name(field, value, message):
+  config = _module(ROOT / "configs" / "qwen_chain.py").get_config("smoke")
+  with config.unlocked():
+    if field.startswith("mesh."):
+      config.mesh[field[5:]] = value
+    elif field == "chain[0].bridge":
+      config.chain[0].bridge = value
+    else:
+      config.chain[1].loss.kind = value
+  with pytest.raises(ValueError, match=message):
+    check_config(config)
