@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
              ".parquet": "parquet"}
+
+
+def _unique() -> str:
+  """host.pid: names a temporary file no other process (on any host) writes at the same time."""
+  return f"{socket.gethostname()}.{os.getpid()}"
 
 
 def resolve_files(source: str | Sequence[str]) -> list[str] | None:
@@ -109,7 +116,7 @@ def load_tokens(source: str, tokenizer, cache_dir: str | os.PathLike,
       chunks.append(np.fromiter((t for x in ids for t in x), np.uint32))
   tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint32)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + f".{os.getpid()}.part")
+  tmp = path.with_name(f"{path.name}.{_unique()}.part")
   with open(tmp, "wb") as f:
     np.save(f, tokens)
   os.replace(tmp, path)  # Whole or absent: a crash never leaves a truncated cache.
@@ -302,8 +309,11 @@ def train_bpe_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str | os
             special_tokens=["<|endoftext|>"], show_progress=False)
   tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                 bos_token=None, pad_token="<|endoftext|>")
-  tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.part")
+  tmp = out_dir.with_name(f"{out_dir.name}.{_unique()}.part")
   tok.save_pretrained(str(tmp))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  os.replace(tmp, out_dir)
+  try:
+    os.replace(tmp, out_dir)
+  except OSError:  # Another process finished the same tokenizer first: keep theirs.
+    shutil.rmtree(tmp, ignore_errors=True)
   return AutoTokenizer.from_pretrained(str(out_dir))

@@ -6,8 +6,8 @@ r"""Build (or resume) a distillation chain: anchor after anchor, each from its p
 
 Without --config it builds the embedded default chain (configs/default.py). Re-running the same
 command resumes: finished links are skipped, the running link continues at its last checkpoint.
-On several hosts (TPU pod, multi-node GPU) run the same command on every host: JAX's distributed
-runtime is initialised from the environment (see launch/tpu_pod.sh, launch/multihost_gpu.sh).
+On several hosts run the same command on every host (launch/tpu_pod.sh, launch/multihost_gpu.sh):
+JAX's distributed runtime is started from the environment, see `_distributed_args`.
 """
 
 import logging
@@ -23,25 +23,38 @@ DEFAULT_CONFIG = ROOT / "configs" / "default.py"
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file (and :variant), e.g. configs/qwen_chain.py:smoke; fields can be "
     "overridden as --config.chain[0].steps=100", lock_config=True)
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-                  "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
-def _maybe_initialize_distributed(jax) -> None:
-  """jax.distributed.initialize() when the environment describes a multi-host launch."""
-  found = [k for k in _MULTIHOST_ENV if os.environ.get(k)]
-  if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
-    found = [k for k in found if k not in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
-  if found:
-    logging.info("multi-host launch (%s): initialising jax.distributed", ", ".join(found))
-    jax.distributed.initialize()
+def _distributed_args(env) -> dict | None:
+  """Arguments for jax.distributed.initialize, or None for a single-process run.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port) + JAX_NUM_PROCESSES + JAX_PROCESS_ID. Detected
+  by JAX itself: SLURM or Open MPI with more than one task, or CBD_DISTRIBUTED=1 (Cloud TPU VMs,
+  Kubernetes), which launch/tpu_pod.sh sets on every worker.
+  """
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    if "JAX_PROCESS_ID" not in env:
+      raise SystemExit("error: JAX_NUM_PROCESSES is set but JAX_PROCESS_ID is not; set it to "
+                       "this host's rank (0 .. JAX_NUM_PROCESSES - 1)")
+    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+            "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env["JAX_PROCESS_ID"])}
+  if (env.get("CBD_DISTRIBUTED") == "1" or int(env.get("SLURM_NTASKS", "1")) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
+    return {}
+  return None
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
   """argv with --config=configs/default.py added when no --config is given and it exists."""
-  if any(a == "--config" or a.startswith("--config=") for a in argv) or not DEFAULT_CONFIG.exists():
+  given = any(a == "--config" or a.startswith("--config=") for a in argv)
+  if given or not DEFAULT_CONFIG.exists():
     return argv
   return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+
+
+def _fmt(x):
+  return "-" if x is None else f"{x:.4f}"
 
 
 def main(argv):
@@ -57,7 +70,10 @@ def main(argv):
              "yet; pass one, e.g. --config=configs/qwen_chain.py:smoke")
   import jax
 
-  _maybe_initialize_distributed(jax)
+  args = _distributed_args(os.environ)
+  if args is not None:
+    logging.info("multi-host launch: jax.distributed.initialize(%s)", args or "auto-detect")
+    jax.distributed.initialize(**args)
   import datasets
 
   datasets.disable_progress_bars()
@@ -75,10 +91,6 @@ def main(argv):
     logging.info("anchor %-16s %12s params  %-7s  held-out KL %s  ppl %s", anchor["name"], count,
                  anchor["status"], _fmt(ev.get("kl")), _fmt(ev.get("ppl")))
   logging.info("manifest: %s", Path(str(config.workdir)).expanduser() / "chain.json")
-
-
-def _fmt(x):
-  return "-" if x is None else f"{x:.4f}"
 
 
 if __name__ == "__main__":
