@@ -25,7 +25,14 @@ from jax.experimental import multihost_utils
 
 from cbd_jax import checkpoint, data, hf_io, losses, manifest, metrics, resize, source
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.sharding import MESH_AXES, batch_sharding, make_mesh, parse_rules, tree_shardings
+from cbd_jax.sharding import (
+  MESH_AXES,
+  batch_sharding,
+  data_parallel_size,
+  make_mesh,
+  parse_rules,
+  tree_shardings,
+)
 from cbd_jax.train_step import (
   LossSettings,
   abstract_params,
@@ -77,10 +84,9 @@ def check_config(config) -> None:
     raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}")
   for i, link in enumerate(config.chain):
     where = f"config.chain[{i}] ({link.name})"
-    if link.get("bridge", "none") not in ("none", "", None):
-      raise ValueError(f"{where}: bridge {link.bridge!r} is not supported by the chain driver; "
-                       "use bridge='none' with a teacher of the same tokenizer")
-    if not link.get("init") and not any(dict(link.shape).values()):
+    if is_bridged(link):
+      _bridge_module(link, where).check_link(link, where)
+    elif not link.get("init") and not any(dict(link.shape).values()):
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
     losses.check_kind(link.loss.kind)
     link_steps(link)
@@ -89,6 +95,21 @@ def check_config(config) -> None:
         raise ValueError(f"{where}: {key} must be >= 1")
   if config.checkpoint.every < 1:
     raise ValueError("config.checkpoint.every must be >= 1")
+
+
+def is_bridged(link) -> bool:
+  """A link whose student has another tokenizer (and family) than its teacher."""
+  return link.get("bridge", "none") not in ("none", "", None)
+
+
+def _bridge_module(link, where: str):
+  """The driver of bridged links (``cbd_jax.bridge_link``), imported only when a link needs it."""
+  try:
+    from cbd_jax import bridge_link
+  except ImportError:
+    raise ValueError(f"{where}: bridge {link.bridge!r} needs cbd_jax.bridge_link, which is not "
+                     "installed; use bridge='none' with a teacher of the same tokenizer") from None
+  return bridge_link
 
 
 def student_config(link, teacher: ModelConfig) -> ModelConfig:
@@ -157,43 +178,114 @@ def _start_student(link, teacher: ModelConfig, teacher_params) -> tuple[ModelCon
   return target, jax.tree.map(np.asarray, params)
 
 
-def train_link(config, index: int, teacher_path: str, tokenizer_path: str,
-               entry: dict[str, Any], workdir: Path, on_start) -> dict[str, Any]:
-  """Trains link ``index`` to completion (resuming if it can); returns the finished entry."""
-  link = config.chain[index]
-  lead = jax.process_index() == 0
-  t_config, t_params = hf_io.load_hf_numpy(teacher_path)
-  tokenizer = hf_io.load_tokenizer(tokenizer_path)
-  ckpt_dir = workdir / "checkpoints" / link.name
-  resuming = entry.get("config") is not None and ckpt_dir.exists()
-  if resuming:
-    s_config, s_params = ModelConfig.from_dict(entry["config"]), None
-  else:
-    s_config, s_params = _start_student(link, t_config, t_params)
-  entry = on_start(s_config)
+class _Reporter:
+  """Token-weighted training metrics per logging window -> JSONL, the progress bar, log lines."""
 
-  student, teacher = _compute(s_config, link, "dtype"), _compute(t_config, link, "teacher_dtype")
-  steps = link_steps(link)
-  mesh = make_mesh(dict(config.mesh))
-  rules = parse_rules(config.get("sharding_rules"))
-  opt = tuple(link.optimizer[k] for k in _OPT_FIELDS)
-  loss = LossSettings(**dict(link.loss))
-  optimizer, schedule, train_step, eval_step = _make_steps(student, teacher, loss, mesh, rules,
-                                                           opt, steps)
-  sh = state_shardings(student, optimizer, mesh, rules)
-  manager = checkpoint.make_checkpoint_manager(ckpt_dir, config.checkpoint.every,
-                                               config.checkpoint.keep)
+  def __init__(self, link, loss: LossSettings, steps: int, start: int, writer, config, lead):
+    self.link, self.loss, self.steps, self.writer = link, loss, steps, writer
+    self.every, self.quiet = config.log.every, not config.log.progress
+    self.lead = lead
+    self.tokens_per_step = link.batch_size * link.microbatches * link.seq_len
+    self.kd_name = "kl" if loss.kind == "fkl" and loss.temperature == 1.0 else loss.kind
+    self.bar = _progress(steps, start, link.name, lead and config.log.progress)
+    self.window, self.t_window = metrics.TokenAverager(), time.time()
+
+  def add(self, step: int, m: dict[str, Any]) -> None:
+    """One step's host metrics; writes the window's means every ``log.every`` steps."""
+    m = dict(m, loss_sum=self.loss.kd_weight * m["kd_sum"] + self.loss.ce_weight * m["ce_sum"])
+    m.pop("loss")
+    self.window.add(m)
+    if step % self.every and step != self.steps:
+      return
+    means = self.window.means()
+    elapsed = max(time.time() - self.t_window, 1e-9)
+    means["tokens_per_s"] = self.window.steps * self.tokens_per_step / elapsed
+    self.writer.write(step, means, "train/")
+    self.bar.set_postfix(loss=f"{means['loss']:.4f}", **{self.kd_name: f"{means['kd']:.4f}"},
+                         tok_s=f"{means['tokens_per_s']:.0f}", refresh=False)
+    if self.quiet and self.lead:
+      log.info("link %s step %d/%d loss %.4f %s %.4f tok/s %.0f", self.link.name, step,
+               self.steps, means["loss"], self.kd_name, means["kd"], means["tokens_per_s"])
+    self.window.reset()
+    self.t_window = time.time()
+
+  def evaluated(self, step: int, evals: dict[str, float]) -> None:
+    self.writer.write(step, evals, "eval/")
+    self.bar.set_postfix_str(f"eval kl {evals['kl']:.4f} ppl {evals['ppl']:.2f}", refresh=False)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+def _initial_state(student, optimizer, sh, manager, start_student):
+  """The latest checkpoint of the link, else a fresh state from ``start_student()``."""
   shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params(student))
   state = checkpoint.restore_latest(manager, checkpoint.abstract_with_shardings(shapes, sh))
   if state is None:
-    if s_params is None:
-      s_config, s_params = _start_student(link, t_config, t_params)
-    placed = place_params(s_params, sh.params, jnp.float32)
+    placed = place_params(start_student(), sh.params, jnp.float32)
     state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=sh)(placed)
-  del s_params
-  t_sh = tree_shardings(t_params, mesh, rules)
-  teacher_params = place_params(t_params, t_sh, jnp.dtype(teacher.dtype))
-  del t_params
+  return state
+
+
+def _run_steps(state, stop: int, train_step, eval_step, teacher_params, train_data,
+               eval_batches, mesh, manager, reporter, config):
+  """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way."""
+  link, pi, pc = reporter.link, jax.process_index(), jax.process_count()
+  pending = None
+  for step in range(int(jax.device_get(state.step)), stop):
+    local = train_data.batch(step, link.microbatches, link.batch_size, pi, pc)
+    state, m = train_step(state, teacher_params, global_batch(mesh, local, 1))
+    if pending is not None:  # Pulled one step late, so the device never waits for the host.
+      reporter.add(pending[0], jax.device_get(pending[1]))
+    pending = (step + 1, m)
+    reporter.bar.update(1)
+    if (step + 1) % config.checkpoint.every == 0:
+      checkpoint.save_state(manager, state, force=True)
+    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < reporter.steps:
+      reporter.evaluated(step + 1, _evaluate(eval_step, state.params, teacher_params,
+                                             eval_batches, mesh))
+  if pending is not None:
+    reporter.add(pending[0], jax.device_get(pending[1]))
+  checkpoint.save_state(manager, state, force=True)
+  manager.wait_until_finished()
+  return state
+
+
+def train_link(config, index: int, teacher_path: str, tokenizer_path: str,
+               entry: dict[str, Any], workdir: Path, on_start) -> dict[str, Any]:
+  """Trains link ``index`` to completion (resuming if it can); returns its manifest entry."""
+  link, lead = config.chain[index], jax.process_index() == 0
+  t_config, t_params = hf_io.load_hf_numpy(teacher_path)
+  tokenizer = hf_io.load_tokenizer(tokenizer_path)
+  ckpt_dir = workdir / "checkpoints" / link.name
+  fresh = None
+  if entry.get("config") is not None and ckpt_dir.exists():  # Resuming: the shape is known.
+    s_config = ModelConfig.from_dict(entry["config"])
+  else:
+    s_config, fresh = _start_student(link, t_config, t_params)
+  entry = on_start(s_config)
+
+  student, teacher = _compute(s_config, link, "dtype"), _compute(t_config, link, "teacher_dtype")
+  steps, mesh = link_steps(link), make_mesh(dict(config.mesh))
+  for key, rows in (("batch_size", link.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if rows % data_parallel_size(mesh):
+      raise ValueError(f"link {link.name}: {key}={rows} must be a multiple of the mesh's "
+                       f"data x fsdp = {data_parallel_size(mesh)} batch shards")
+  rules = parse_rules(config.get("sharding_rules"))
+  loss = LossSettings(**dict(link.loss))
+  optimizer, schedule, train_step, eval_step = _make_steps(
+      student, teacher, loss, mesh, rules, tuple(link.optimizer[k] for k in _OPT_FIELDS), steps)
+  manager = checkpoint.make_checkpoint_manager(ckpt_dir, config.checkpoint.every,
+                                               config.checkpoint.keep)
+
+  def start_params():
+    return fresh if fresh is not None else _start_student(link, t_config, t_params)[1]
+  state = _initial_state(student, optimizer, state_shardings(student, optimizer, mesh, rules),
+                         manager, start_params)
+  teacher_params = place_params(t_params, tree_shardings(t_params, mesh, rules),
+                                jnp.dtype(teacher.dtype))
+  fresh = t_params = None  # The host copies are no longer needed.
 
   pi, pc = jax.process_index(), jax.process_count()
   cache = Path(config.data.get("cache_dir") or workdir / "data_cache")
@@ -204,72 +296,33 @@ def train_link(config, index: int, teacher_path: str, tokenizer_path: str,
   writer = metrics.MetricsWriter(workdir / "metrics" / f"{link.name}.jsonl",
                                  workdir / "tensorboard" / link.name if config.log.tensorboard
                                  else None, enabled=lead)
-  tokens_per_step = link.batch_size * link.microbatches * link.seq_len
   start = int(jax.device_get(state.step))
+  reporter = _Reporter(link, loss, steps, start, writer, config, lead)
   log.info("link %s: %s (%s params) <- %s, steps %d..%d of %d tokens each", link.name,
            s_config.family, f"{num_params(s_config):,}", teacher_path, start, steps,
-           tokens_per_step)
-  bar = _progress(steps, start, link.name, lead and config.log.progress)
-  window, pending, evals = metrics.TokenAverager(), None, entry.get("eval", {})
-  t_window = time.time()
-  kd_name = "kl" if loss.kind == "fkl" and loss.temperature == 1.0 else loss.kind
-
-  def record(m, step):
-    nonlocal t_window
-    m = dict(m, loss_sum=loss.kd_weight * m["kd_sum"] + loss.ce_weight * m["ce_sum"])
-    m.pop("loss")
-    window.add(m)
-    if step % config.log.every == 0 or step == steps:
-      means = window.means()
-      means["tokens_per_s"] = window.steps * tokens_per_step / max(time.time() - t_window, 1e-9)
-      writer.write(step, means, "train/")
-      bar.set_postfix(loss=f"{means['loss']:.4f}", **{kd_name: f"{means['kd']:.4f}"},
-                      tok_s=f"{means['tokens_per_s']:.0f}", refresh=False)
-      if not config.log.progress and lead:
-        log.info("link %s step %d/%d loss %.4f %s %.4f tok/s %.0f", link.name, step, steps,
-                 means["loss"], kd_name, means["kd"], means["tokens_per_s"])
-      window.reset()
-      t_window = time.time()
-
+           reporter.tokens_per_step)
   stop = steps if not config.get("stop_after") else min(steps, start + config.stop_after)
-  for step in range(start, stop):
-    local = train_data.batch(step, link.microbatches, link.batch_size, pi, pc)
-    batch = global_batch(mesh, local, 1)
-    state, m = train_step(state, teacher_params, batch)
-    if pending is not None:  # Pulled one step late, so the device never waits for the host.
-      record(jax.device_get(pending[1]), pending[0])
-    pending = (step + 1, m)
-    bar.update(1)
-    if (step + 1) % config.checkpoint.every == 0:
-      checkpoint.save_state(manager, state, force=True)
-    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
-      evals = _evaluate(eval_step, state.params, teacher_params, eval_batches, mesh)
-      writer.write(step + 1, evals, "eval/")
-      bar.set_postfix_str(f"eval kl {evals['kl']:.4f} ppl {evals['ppl']:.2f}", refresh=False)
-  if pending is not None:
-    record(jax.device_get(pending[1]), pending[0])
-  bar.close()
-  checkpoint.save_state(manager, state, force=True)
-  manager.wait_until_finished()
+  state = _run_steps(state, stop, train_step, eval_step, teacher_params, train_data,
+                     eval_batches, mesh, manager, reporter, config)
+  tokens = stop * reporter.tokens_per_step
   if stop < steps:  # This run's step budget (stop_after) is spent: the link stays "running".
     log.info("link %s: stopping at step %d of %d (stop_after); run again to resume", link.name,
              stop, steps)
+    reporter.close()
     manager.close()
-    writer.close()
-    return dict(entry, tokens=stop * tokens_per_step, steps=stop)
+    return dict(entry, tokens=tokens, steps=stop)
   evals = _evaluate(eval_step, state.params, teacher_params, eval_batches, mesh)
-  writer.write(steps, evals, "eval/")
-  writer.close()
+  reporter.evaluated(steps, evals)
+  reporter.close()
   log.info("link %s done: held-out KL %.4f, student ppl %.2f (teacher %.2f)", link.name,
            evals["kl"], evals["ppl"], evals["teacher_ppl"])
   params = host_params(state.params)
-  out = workdir / entry["path"]
   if lead:
-    dtype = config.get("export_dtype") or None
-    hf_io.save_hf(s_config, params, out, tokenizer=tokenizer, dtype=dtype, overwrite=True)
+    hf_io.save_hf(s_config, params, workdir / entry["path"], tokenizer=tokenizer,
+                  dtype=config.get("export_dtype") or None, overwrite=True)
   _sync(f"export-{link.name}")
   manager.close()
-  return dict(entry, status="done", tokens=steps * tokens_per_step, steps=steps, eval=evals)
+  return dict(entry, status="done", tokens=tokens, steps=steps, eval=evals)
 
 
 def _sync(name: str) -> None:
@@ -296,7 +349,9 @@ def run_chain(config) -> dict[str, Any]:
         manifest.save(workdir, doc)
         return doc["anchors"][index]
 
-      done = train_link(config, index, teacher_path, tokenizer_path, entry, workdir, on_start)
+      train = (_bridge_module(link, link.name).train_bridge_link if is_bridged(link)
+               else train_link)
+      done = train(config, index, teacher_path, tokenizer_path, entry, workdir, on_start)
       doc["anchors"][index] = done
       manifest.save(workdir, doc)
       if done["status"] != "done":

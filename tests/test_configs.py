@@ -74,7 +74,7 @@ def test_qwen_chain_brackets_138m_and_budgets_tokens():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("chain[0].bridge", "vocab", "bridge"), ("chain[1].loss.kind", "kl2", "kind"),
+    ("chain[0].bridge", "bogus", "bridge"), ("chain[1].loss.kind", "kl2", "kind"),
     ("mesh.model", 2, "unknown axes")])
 def test_bad_fields_are_refused_with_their_name(field, value, message):
   config = _module(ROOT / "configs" / "qwen_chain.py").get_config("smoke")

@@ -1,0 +1,294 @@
+r"""Throughput of the distillation train step.
+
+  python benchmarks/bench_train_step.py          # CPU: ours vs a plain PyTorch transformers loop
+  python benchmarks/bench_train_step.py --gpu    # GPU: 0.5B-shaped student, 1.5B teacher, MFU
+
+CPU mode: the same teacher and student shapes (Qwen2 architecture, random weights), batch, data
+and fp32 numerics on this machine, both steps = teacher forward + student forward/backward with a
+forward-KL loss + AdamW; rounds alternate between the two and the median step time of each is
+reported, with the ratio ours / PyTorch in tokens/s.
+
+GPU mode: a Qwen2.5-0.5B-shaped student and a Qwen2.5-1.5B-shaped teacher (random weights),
+bf16 compute with fp32 master weights, one device. Model FLOPs per token are
+6 N_student + 2 N_teacher + 12 L_s H_s hd_s T + 4 L_t H_t hd_t T (attention as in PaLM, not
+halved for causality; N counts the tied output head once); MFU = FLOP/s / peak (989 TFLOP/s
+dense bf16 for H100 and H200). A watchdog makes the script fail rather than hang.
+
+Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>,gpu}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def _args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--gpu", action="store_true", help="GPU mode (0.5B student, 1.5B teacher)")
+  p.add_argument("--batch", type=int, default=None, help="sequences per microbatch")
+  p.add_argument("--microbatches", type=int, default=None)
+  p.add_argument("--seq", type=int, default=None, help="sequence length")
+  p.add_argument("--steps", type=int, default=None, help="timed steps per round")
+  p.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds")
+  p.add_argument("--remat", action="store_true", help="GPU: rematerialise the student's layers")
+  p.add_argument("--timeout", type=int, default=170, help="GPU: watchdog seconds")
+  p.add_argument("--vocab", type=int, default=49152,
+                 help="CPU: vocabulary size (default: SmolLM2's 49,152)")
+  p.add_argument("--chunk", type=int, default=None,
+                 help="fused-loss chunk in tokens (default: 128 on CPU, 4096 on GPU)")
+  return p.parse_args()
+
+
+def cpu_shapes(vocab: int = 49152):
+  from cbd_jax.config import ModelConfig
+
+  teacher = ModelConfig(family="qwen2", vocab_size=vocab, hidden_size=384, num_layers=6,
+                        num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=1024,
+                        tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6)
+  student = teacher.replace(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768)
+  return student, teacher
+
+
+def gpu_shapes():
+  from cbd_jax.config import ModelConfig
+
+  student = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
+                        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                        intermediate_size=4864, tie_embeddings=True, rope_theta=1e6,
+                        norm_eps=1e-6, max_position_embeddings=32768)
+  teacher = student.replace(hidden_size=1536, num_layers=28, num_heads=12, head_dim=128,
+                            intermediate_size=8960)
+  return student, teacher
+
+
+def _random_params(config, seed: int, shardings=None, dtype=None):
+  """normal(0.02) weights and unit norm scales, drawn on the device (nothing on the host)."""
+  import jax
+  import jax.numpy as jnp
+
+  from cbd_jax.train_step import abstract_params
+
+  shapes = abstract_params(config)
+  dtype = dtype or jnp.float32
+
+  def draw():
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = []
+    for key, (path, leaf) in zip(keys, leaves, strict=True):
+      if path[-1].key == "scale":
+        out.append(jnp.ones(leaf.shape, dtype))
+      else:
+        out.append((0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+  return jax.jit(draw, out_shardings=shardings)()
+
+
+def _ours(student, teacher, batch, micro, seq, chunk, lr=1e-4):
+  """(run(n) -> seconds for n steps, tokens per step) for our jitted step on all local devices."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from cbd_jax.sharding import make_mesh, tree_shardings
+  from cbd_jax.train_step import (
+    LossSettings,
+    abstract_params,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+  )
+
+  mesh = make_mesh({"data": -1})
+  opt, _ = make_optimizer(lr, 1000, weight_decay=0.0, grad_clip=0.0, b2=0.999)
+  sh = state_shardings(student, opt, mesh)
+  params = _random_params(student, 1, sh.params)
+  state = jax.jit(lambda p: init_train_state(p, opt), out_shardings=sh, donate_argnums=0)(params)
+  t_params = _random_params(teacher, 2, tree_shardings(abstract_params(teacher), mesh),
+                            jnp.dtype(teacher.dtype))
+  step = make_train_step(student, teacher, opt, LossSettings(chunk_size=chunk), mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, student.vocab_limit, size=(micro, batch, seq + 1)).astype(np.int32)
+  data = {"ids": tokens[..., :-1], "labels": tokens[..., 1:],
+          "mask": np.ones((micro, batch, seq), np.float32)}
+  data = jax.device_put(data, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))))
+  box = {"state": state}
+
+  def run(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      box["state"], metrics = step(box["state"], t_params, data)
+    float(metrics["loss"])  # Waits for the device.
+    box["loss"] = float(metrics["loss"])
+    return time.perf_counter() - start
+  return run, box
+
+
+def _torch(student, teacher, batch, micro, seq, lr=1e-4):
+  """The plain PyTorch transformers KD loop: full logits, log_softmax KL, AdamW."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+
+  def build(c, seed):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                      intermediate_size=c.intermediate_size, tie_word_embeddings=True,
+                      rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
+                      max_position_embeddings=c.max_position_embeddings)
+    return Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa",
+                                         dtype=torch.float32)
+  s_model, t_model = build(student, 1).train(), build(teacher, 2).eval()
+  for p in t_model.parameters():
+    p.requires_grad_(False)
+  opt = torch.optim.AdamW(s_model.parameters(), lr=lr, weight_decay=0.0)
+  rng = np.random.default_rng(0)
+  ids = torch.from_numpy(rng.integers(0, student.vocab_size, size=(micro, batch, seq))
+                         .astype(np.int64))
+  box = {}
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for m in range(micro):
+      with torch.no_grad():
+        t_logp = F.log_softmax(t_model(ids[m]).logits.float(), -1)
+      s_logp = F.log_softmax(s_model(ids[m]).logits.float(), -1)
+      kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / (micro * batch * seq)
+      kl.backward()
+      total += float(kl.detach())
+    opt.step()
+    return total
+
+  def run(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      box["loss"] = step()
+    return time.perf_counter() - start
+  return run, box
+
+
+def cpu_main(args):
+  import jax
+  import torch
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  student, teacher = cpu_shapes(args.vocab)
+  batch, micro, seq = args.batch or 8, args.microbatches or 1, args.seq or 128
+  steps = args.steps or 2
+  tokens = batch * micro * seq
+  ours, ours_box = _ours(student, teacher, batch, micro, seq, args.chunk or 128)
+  theirs, theirs_box = _torch(student, teacher, batch, micro, seq)
+  compile_s = ours(1)
+  theirs(1)
+  times = {"ours": [], "pytorch": []}
+  for r in range(args.rounds):
+    order = [("ours", ours), ("pytorch", theirs)]
+    for name, run in order if r % 2 == 0 else order[::-1]:
+      times[name].append(run(steps) / steps)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  result = {
+      "mode": "cpu", "machine": f"{platform.processor() or platform.machine()}, "
+                                f"{os.cpu_count()} cores", "jax": jax.__version__,
+      "torch": torch.__version__, "student": student.to_dict(), "teacher": teacher.to_dict(),
+      "batch": batch, "microbatches": micro, "seq_len": seq, "tokens_per_step": tokens,
+      "chunk_size": args.chunk or 128, "steps_per_round": steps, "rounds": args.rounds,
+      "first_step_s (ours, compile)": compile_s,
+      "step_s": med, "step_s_all": times,
+      "tokens_per_s": {k: tokens / v for k, v in med.items()},
+      "speedup_ours_over_pytorch": med["pytorch"] / med["ours"],
+      "final_loss": {"ours": ours_box["loss"], "pytorch": theirs_box["loss"]},
+  }
+  print(f"\ndistillation step, fp32, CPU ({result['machine']}): teacher {teacher.num_layers}x"
+        f"{teacher.hidden_size}, student {student.num_layers}x{student.hidden_size}, vocab "
+        f"{student.vocab_size}, {batch}x{seq} tokens x {micro} microbatches")
+  print(f"{'':10s} {'step (s)':>10s} {'tokens/s':>10s}")
+  for k in ("ours", "pytorch"):
+    print(f"{k:10s} {med[k]:10.3f} {tokens / med[k]:10.0f}")
+  print(f"ratio (ours / pytorch tokens/s): {result['speedup_ours_over_pytorch']:.2f}x "
+        "(target >= 1.5x)")
+  _write(f"train_step_cpu_v{student.vocab_size}.json", result)
+
+
+def _flops_per_token(student, teacher, seq: int) -> float:
+  from cbd_jax.config import num_params
+
+  def attn(c, factor):
+    return factor * c.num_layers * c.num_heads * c.head_dim * seq
+  return (6 * num_params(student) + 2 * num_params(teacher) + attn(student, 12)
+          + attn(teacher, 4))
+
+
+def gpu_main(args):
+  import jax
+
+  def on_alarm(signum, frame):
+    raise TimeoutError(f"GPU benchmark exceeded its {args.timeout} s watchdog")
+  signal.signal(signal.SIGALRM, on_alarm)
+  signal.alarm(args.timeout)
+  if jax.default_backend() != "gpu":
+    sys.exit(f"error: --gpu needs a GPU; JAX sees {jax.devices()}")
+  device = jax.devices()[0]
+  kind = device.device_kind
+  peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+  student, teacher = gpu_shapes()
+  student = student.replace(dtype="bfloat16", remat=args.remat)
+  teacher = teacher.replace(dtype="bfloat16")
+  batch, micro, seq = args.batch or 8, args.microbatches or 2, args.seq or 2048
+  steps = args.steps or 10
+  tokens = batch * micro * seq
+  t0 = time.perf_counter()
+  run, box = _ours(student, teacher, batch, micro, seq, args.chunk or 4096)
+  setup_s = time.perf_counter() - t0
+  compile_s = run(1)
+  run(2)  # Warm-up.
+  step_s = run(steps) / steps
+  flops = _flops_per_token(student, teacher, seq) * tokens / step_s
+  stats = device.memory_stats() or {}
+  result = {
+      "mode": "gpu", "device": kind, "devices": jax.device_count(), "jax": jax.__version__,
+      "student": "Qwen2.5-0.5B shape", "teacher": "Qwen2.5-1.5B shape", "dtype": "bfloat16",
+      "remat": args.remat, "batch": batch, "microbatches": micro, "seq_len": seq,
+      "tokens_per_step": tokens, "setup_s": setup_s, "first_step_s (compile)": compile_s,
+      "step_s": step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_s": flops / 1e12,
+      "peak_tflops_per_s": peak / 1e12 if peak else None,
+      "mfu": flops / (peak * jax.device_count()) if peak else None,
+      "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": box["loss"],
+  }
+  signal.alarm(0)
+  print(f"\ndistillation step on {kind}: student Qwen2.5-0.5B shape, teacher Qwen2.5-1.5B "
+        f"shape, bf16, {batch}x{seq} tokens x {micro} microbatches, remat={args.remat}")
+  for key in ("first_step_s (compile)", "step_s", "tokens_per_s", "model_tflops_per_s", "mfu",
+              "peak_memory_gib", "loss"):
+    value = result[key]
+    print(f"{key:24s} {value:12.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+  _write("train_step_gpu.json", result)
+
+
+def _write(name: str, result: dict) -> None:
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
+  print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+  args = _args()
+  gpu_main(args) if args.gpu else cpu_main(args)
