@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
+from cbd_jax import model
 from cbd_jax.config import ModelConfig
 from cbd_jax.resize import SPLIT, check_params, leaf_specs
 
@@ -29,3 +31,18 @@ def unit_scores(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   group = config.num_heads // config.num_kv_heads
   scores["K"] += scores["H"].reshape(config.num_kv_heads, group).sum(-1)
   return scores
+
+
+def block_influence(config: ModelConfig, params: dict, ids_NxT, batch_size: int = 4) -> np.ndarray:
+  """BI_l = 1 - mean over tokens of cos(h_{l-1}, h_l): how much layer l changes the residual
+  stream on the given text (small = the layer is close to an identity and cheap to drop)."""
+  totals, count = np.zeros(config.num_layers), 0
+  for i in range(0, len(ids_NxT), batch_size):
+    _, h_LxBxTxD = model.apply_hidden(config, params, jnp.asarray(ids_NxT[i:i + batch_size]),
+                                      output_hidden=True)
+    h = np.asarray(h_LxBxTxD, np.float64)
+    cos = (h[:-1] * h[1:]).sum(-1) / (np.linalg.norm(h[:-1], axis=-1)
+                                      * np.linalg.norm(h[1:], axis=-1) + 1e-12)
+    totals += (1.0 - cos).sum(axis=(1, 2))
+    count += cos.shape[1] * cos.shape[2]
+  return totals / max(count, 1)

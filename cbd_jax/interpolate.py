@@ -7,6 +7,7 @@ target's own held-out loss on token ids the caller provides.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbd_jax import model, resize
+from cbd_jax import align, model, resize
 from cbd_jax.config import ModelConfig, num_params
 
 Anchor = tuple[ModelConfig, dict]
@@ -30,14 +31,24 @@ def default_alpha(small: ModelConfig, large: ModelConfig, target: ModelConfig) -
 
 
 def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_method="leading",
-                 grow_method="zero", depth="identity", rescale_norms=False):
+                 grow_method="zero", depth="zero", rescale_norms=False, align_layers=True):
   """(Grow(small), Shrink(large), filled): both anchors on the target shape; ``filled`` is 1.0
-  where Grow(small) holds a source value and 0.0 where it only padded (zero fill / new layers)."""
+  where Grow(small) holds a source value and 0.0 where it only padded (zero fill / new layers).
+
+  ``align_layers``: Shrink(large) puts each small layer's counterpart (`align.matched_depth_map`)
+  where Grow(small) put that layer, instead of keeping evenly spaced layers.
+  """
   (cs, ps), (cl, pl) = small, large
   resize.check_compatible(cs, cl)
   grown = resize.grow(cs, ps, target, method=grow_method, depth=depth,
                       rescale_norms=rescale_norms)
-  shrunk = resize.shrink(cl, pl, target, method=shrink_method)
+  if align_layers and cs.num_layers <= cl.num_layers:
+    maps = resize.make_maps(cl, pl, target, select=shrink_method)
+    small_map = resize.make_maps(cs, ps, target, fill=grow_method, depth=depth)["L"]
+    maps["L"] = align.matched_depth_map(cs, ps, cl, pl, small_map)
+    shrunk = resize.apply_maps(cl, pl, target, maps)
+  else:
+    shrunk = resize.shrink(cl, pl, target, method=shrink_method)
   ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), ps)
   filled = jax.tree.map(lambda x: (x != 0).astype(np.float32),
                         resize.grow(cs, ones, target, method=grow_method, depth=depth))
@@ -61,42 +72,52 @@ def mix(grown: dict, shrunk: dict, alpha, filled: dict | None = None, xp=np) -> 
 
 def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
                 alpha: float | None = None, shrink_method: str = "leading",
-                grow_method: str = "zero", depth: str = "identity", renormalize: bool = False,
-                rescale_norms: bool = False) -> dict:
+                grow_method: str = "zero", depth: str = "zero", renormalize: bool = False,
+                rescale_norms: bool = False, align_layers: bool = True) -> dict:
   """alpha * Grow(small) + (1 - alpha) * Shrink(large) on ``target_config``'s shape.
 
   ``alpha`` defaults to `default_alpha`. ``renormalize`` takes the large anchor's value whole in
-  the regions Grow only padded (where the plain mix would scale it by 1 - alpha).
+  the regions Grow only padded (where the plain mix would scale it by 1 - alpha). New layers of
+  Grow(small) are all-zero identity layers by default (``depth``), so those target layers are
+  (1 - alpha) times the large anchor's layer rather than a blend with a copied neighbour.
   """
   if alpha is None:
     alpha = default_alpha(small[0], large[0], target_config)
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha={alpha} is outside [0, 1]; alpha weights the small anchor")
   grown, shrunk, filled = anchor_views(small, large, target_config, shrink_method, grow_method,
-                                       depth, rescale_norms)
+                                       depth, rescale_norms, align_layers)
   return mix(grown, shrunk, alpha, filled if renormalize else None)
 
 
-def make_loss_fn(config: ModelConfig):
-  """A jitted (params, ids [N, T]) -> (sum of next-token NLL, number of tokens) over the real
-  vocabulary (padded embedding rows masked)."""
-  def loss(params, ids_NxT):
-    logits_NxTxV = model.forward(config, params, ids_NxT[:, :-1])[..., :config.vocab_limit]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits_NxTxV, ids_NxT[:, 1:])
-    return nll.sum(), nll.size
+def _nll_sum(config: ModelConfig, params: dict, ids_NxT):
+  """(sum of next-token NLL, token count) over the real vocabulary (padded rows masked)."""
+  logits_NxTxV = model.forward(config, params, ids_NxT[:, :-1])[..., :config.vocab_limit]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits_NxTxV, ids_NxT[:, 1:])
+  return nll.sum(), nll.size
 
-  return jax.jit(loss)
+
+_nll_sum_jit = jax.jit(_nll_sum, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mixed_nll_sum(config, alpha, grown, shrunk, filled, ids_NxT):
+  return _nll_sum(config, mix(grown, shrunk, alpha, filled, xp=jnp), ids_NxT)
+
+
+def _mean_nll(fn, ids_NxT: np.ndarray, batch_size: int) -> float:
+  total, count = 0.0, 0
+  for i in range(0, len(ids_NxT), batch_size):
+    s, n = fn(jnp.asarray(ids_NxT[i:i + batch_size]))
+    total, count = total + float(s), count + int(n)
+  return total / max(count, 1)
 
 
 def heldout_loss(config: ModelConfig, params: dict, ids_NxT: np.ndarray,
                  batch_size: int = 4) -> float:
   """Mean next-token cross entropy (nats) of ``params`` on ``ids`` [N, T], in batches of rows."""
-  loss_fn = make_loss_fn(config)
-  total, count = 0.0, 0
-  for i in range(0, len(ids_NxT), batch_size):
-    s, n = loss_fn(params, jnp.asarray(ids_NxT[i:i + batch_size]))
-    total, count = total + float(s), count + int(n)
-  return total / max(count, 1)
+  params = jax.device_put(params)
+  return _mean_nll(lambda ids: _nll_sum_jit(config, params, ids), ids_NxT, batch_size)
 
 
 def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_NxT: np.ndarray,
@@ -105,23 +126,12 @@ def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_Nx
   """(best alpha, {alpha: held-out loss}): teacher-free choice of alpha by the target's own loss
   on ``ids`` (keep them apart from the text the final number is reported on)."""
   renormalize = kwargs.pop("renormalize", False)
-  grown, shrunk, filled = anchor_views(small, large, target_config, **kwargs)
+  grown, shrunk, filled = jax.device_put(anchor_views(small, large, target_config, **kwargs))
   filled = filled if renormalize else None
-
-  @jax.jit
-  def loss(alpha, grown, shrunk, filled, ids):
-    params = mix(grown, shrunk, alpha, filled, xp=jnp)
-    logits = model.forward(target_config, params, ids[:, :-1])[..., :target_config.vocab_limit]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
-    return nll.sum(), nll.size
-
   losses = {}
   for alpha in alphas:
-    total, count = 0.0, 0
-    for i in range(0, len(ids_NxT), batch_size):
-      s, n = loss(jnp.float32(alpha), grown, shrunk, filled,
-                  jnp.asarray(ids_NxT[i:i + batch_size]))
-      total, count = total + float(s), count + int(n)
-    losses[float(alpha)] = total / max(count, 1)
+    losses[float(alpha)] = _mean_nll(
+        lambda ids, a=alpha: _mixed_nll_sum(target_config, jnp.float32(a), grown, shrunk, filled,
+                                            ids), ids_NxT, batch_size)
   best = min(losses, key=losses.get)
   return best, losses

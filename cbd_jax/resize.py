@@ -17,10 +17,11 @@ map for every leaf keeps the residual channels, heads and their kv groups consis
 
 Exactness of `grow`: FFN width and heads / kv groups are function-preserving with both methods
 ("zero" pads units whose outputs are zero; "net2net" duplicates units and divides what reads them).
-Depth is exact with ``depth="identity"`` (new layers have zero o and down, so they add nothing);
-``depth="repeat"`` copies layers and is not. Residual width is not exact: RMSNorm and LayerNorm
-average over the channels, which new channels change (zero-padding with RMSNorm is exact up to
-the norm scales, rescaled by sqrt(D_source / D_target), and eps; see ``rescale_norms``).
+Depth is exact with ``depth="identity"`` (new layers have zero o and down, so they add nothing)
+and ``depth="zero"`` (new layers all zero); ``depth="repeat"`` copies layers and is not.
+Residual width is not exact: RMSNorm and LayerNorm average over the channels, which new channels
+change (zero-padding with RMSNorm is exact up to the norm scales, rescaled by
+sqrt(D_source / D_target), and eps; see ``rescale_norms``).
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def width_map(n_src: int, n_tgt: int, fill: str, scores=None) -> AxisMap:
 
 def depth_map(n_src: int, n_tgt: int, depth: str, scores=None) -> AxisMap:
   """Layers: keep evenly spaced ones (first and last kept; or the first, last and best by
-  score), or grow by repeating each layer / inserting identity layers (zero o and down)."""
+  score), or grow by repeating each layer / inserting identity layers: ``"identity"`` copies the
+  layer before with zero o and down, ``"zero"`` is all zeros (also an identity layer)."""
   if n_tgt <= n_src:
     if scores is None or n_tgt < 3:
       keep = np.round(np.linspace(0, n_src - 1, n_tgt)).astype(int) if n_tgt > 1 else [0]
@@ -257,9 +259,11 @@ def depth_map(n_src: int, n_tgt: int, depth: str, scores=None) -> AxisMap:
   is_new[pos] = False
   if depth == "identity":
     return _one_hot_map(src, w_split=np.where(is_new, 0.0, 1.0))
+  if depth == "zero":
+    return _one_hot_map(np.where(is_new, -1, src))
   if depth == "repeat":
     return _one_hot_map(src)
-  raise ResizeError(f"unknown depth method {depth!r}; use 'identity' or 'repeat'")
+  raise ResizeError(f"unknown depth method {depth!r}; use 'identity', 'zero' or 'repeat'")
 
 
 def head_maps(src_cfg: ModelConfig, tgt_cfg: ModelConfig, fill: str, head_scores=None,
@@ -316,23 +320,32 @@ def head_maps(src_cfg: ModelConfig, tgt_cfg: ModelConfig, fill: str, head_scores
 
 def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: str = "leading",
               fill: str = "net2net", depth: str = "identity",
-              layer_select: str = "even") -> dict[str, AxisMap]:
-  """One AxisMap per kind: shrinking axes select (``select``), growing axes fill (``fill``)."""
+              layer_select="even") -> dict[str, AxisMap]:
+  """One AxisMap per kind: shrinking axes select (``select``), growing axes fill (``fill``).
+
+  ``layer_select``: "even" (evenly spaced, first and last kept), "importance" (weight norms of
+  what each layer writes) or one score per source layer (e.g. `importance.block_influence`).
+  """
   from cbd_jax import importance  # Weight-norm scores, only when asked for.
 
   if select not in ("leading", "importance"):
     raise ResizeError(f"unknown shrink method {select!r}; use 'leading' or 'importance'")
   if fill not in ("zero", "net2net"):
     raise ResizeError(f"unknown grow method {fill!r}; use 'zero' or 'net2net'")
-  if layer_select not in ("even", "importance"):
-    raise ResizeError(f"unknown layer selection {layer_select!r}; use 'even' or 'importance'")
+  given = None if isinstance(layer_select, str) else np.asarray(layer_select, np.float64)
+  if given is not None and given.shape != (config.num_layers,):
+    raise ResizeError(f"layer_select scores have shape {given.shape}, the source has "
+                      f"{config.num_layers} layers; pass one score per layer")
+  if given is None and layer_select not in ("even", "importance"):
+    raise ResizeError(f"unknown layer selection {layer_select!r}; use 'even', 'importance' or "
+                      "one score per layer")
   scores: dict[str, np.ndarray | None] = dict.fromkeys(("D", "F", "H", "K", "L"))
-  if select == "importance" or layer_select == "importance":
+  by_norm = given is None and layer_select == "importance"
+  if select == "importance" or by_norm:
     scores.update(importance.unit_scores(config, params))
   if select != "importance":
     scores.update(D=None, F=None, H=None, K=None)
-  if layer_select != "importance":
-    scores["L"] = None
+  scores["L"] = given if given is not None else (scores["L"] if by_norm else None)
   c, t = config, target
   q_map, kv_map = head_maps(c, t, fill, scores["H"], scores["K"])
   return {"L": depth_map(c.num_layers, t.num_layers, depth, scores["L"]),
@@ -342,7 +355,7 @@ def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: 
 
 
 def resize(config: ModelConfig, params: Params, target: ModelConfig, select: str = "leading",
-           fill: str = "net2net", depth: str = "identity", layer_select: str = "even",
+           fill: str = "net2net", depth: str = "identity", layer_select="even",
            rescale_norms: bool = False) -> Params:
   """Params of shape ``target``: select on shrinking axes, fill on growing axes.
 
@@ -366,7 +379,7 @@ def _map_norm_scales(params: Params, fn: Callable) -> Params:
 
 
 def shrink(config: ModelConfig, params: Params, target: ModelConfig, method: str = "leading",
-           layer_select: str = "even") -> Params:
+           layer_select="even") -> Params:
   """Shrink(theta) to ``target``: keeps evenly spaced layers and the leading (or, with
   ``method="importance"``, the largest-norm) channels, neurons, kv groups and their heads."""
   return resize(config, params, target, select=method, fill="net2net", layer_select=layer_select)

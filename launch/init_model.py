@@ -48,8 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="units kept from the large anchor: leading slice or largest weight norms")
   p.add_argument("--grow_method", default="zero", choices=("zero", "net2net"),
                  help="new units of the grown small anchor: zeros or Net2Net copies")
-  p.add_argument("--depth", default="identity", choices=("identity", "repeat"),
-                 help="new layers of the grown small anchor: identity layers or repeats")
+  p.add_argument("--depth", default="zero", choices=("zero", "identity", "repeat"),
+                 help="new layers of the grown small anchor: all-zero layers (identities), "
+                      "identity layers (the layer before with zero o/down) or repeats")
+  p.add_argument("--no_align_layers", action="store_true",
+                 help="take evenly spaced layers of the large anchor instead of the counterparts "
+                      "of the small anchor's layers")
   p.add_argument("--renormalize", action="store_true",
                  help="where Grow only padded, take the large anchor's value whole")
   p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
         out=args.out, alpha=args.alpha, alpha_sweep=args.alpha_sweep, text=args.text,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
-        renormalize=args.renormalize, dtype=dtype, overwrite=args.overwrite,
+        renormalize=args.renormalize, align_layers=not args.no_align_layers, dtype=dtype,
+        overwrite=args.overwrite,
         use_source=args.use_source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

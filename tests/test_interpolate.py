@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from cbd_jax import interpolate, model, resize
+from cbd_jax import align, interpolate, model, resize
 from cbd_jax.config import FAMILIES, ModelConfig, num_params
 
 
@@ -56,7 +56,8 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   alpha = interpolate.default_alpha(small[0], large[0], target)
-  out = resize.flatten(interpolate.interpolate(small, large, target))
+  out = resize.flatten(interpolate.interpolate(small, large, target, depth="identity",
+                                               align_layers=False))
   grown = resize.flatten(resize.grow(*small, target))
   shrunk = resize.flatten(resize.shrink(*large, target))
   assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
@@ -68,8 +69,10 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   small, large = _anchors()
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
-  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha))
-  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True))
+  kw = dict(depth="identity", align_layers=False)
+  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, **kw))
+  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
+                                                  **kw))
   shrunk = resize.flatten(resize.shrink(*large, target))
   up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
   np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
@@ -78,6 +81,12 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   # Layer 1 is the identity layer inserted by Grow: its o and down come from the large anchor.
   np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
+  # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
+  zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
+                                                depth="zero", align_layers=False))
+  for path, x in zero.items():
+    if path.startswith("layers/"):
+      np.testing.assert_array_equal(x[1], shrunk[path][1], err_msg=path)
 
 
 def test_sweep_scores_each_alpha_by_the_targets_own_loss():
@@ -109,3 +118,33 @@ def test_bad_inputs_are_refused():
   other = (_config("gpt2"), random_params(_config("gpt2"), 5))
   with pytest.raises(ValueError, match="families differ"):
     interpolate.interpolate(small, other, small[0])
+
+
+def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
+  large_cfg = _config("llama", num_layers=9)
+  large = random_params(large_cfg, 6)
+  small_cfg = large_cfg.replace(num_layers=4)
+  kept = [0, 1, 5, 8]  # The small anchor descends from these large layers, slightly changed.
+  small = resize.shrink(large_cfg, large, small_cfg, layer_select=np.isin(np.arange(9), kept))
+  small = jax.tree.map(lambda x: x + 0.01 * np.random.default_rng(7).standard_normal(x.shape),
+                       small)
+  target = large_cfg.replace(num_layers=7)
+  small_map = resize.make_maps(small_cfg, small, target, fill="zero", depth="identity")["L"]
+  np.testing.assert_array_equal(small_map.src[:, 0], [0, 0, 1, 1, 2, 2, 3])  # At 0, 2, 4, 6.
+  large_map = align.matched_depth_map(small_cfg, small, large_cfg, large, small_map)
+  # Counterparts where Grow put the small layers; large layers in between elsewhere.
+  np.testing.assert_array_equal(large_map.src[:, 0], [0, 0, 1, 3, 5, 7, 8])
+  mixed = resize.flatten(interpolate.interpolate((small_cfg, small), (large_cfg, large), target,
+                                                 0.5))
+  scale = "layers/attn_norm/scale"
+  np.testing.assert_allclose(mixed[scale][4], 0.5 * resize.flatten(small)[scale][2]
+                             + 0.5 * resize.flatten(large)[scale][5], atol=1e-6)
+
+
+def test_monotone_layer_matching_recovers_a_noisy_subset():
+  rng = np.random.default_rng(8)
+  truth = np.array([0, 3, 4, 9, 12, 15, 17])
+  similarity = rng.normal(0, 0.3, (7, 18))
+  similarity[np.arange(7), truth] += 1.0
+  np.testing.assert_array_equal(align.match_layers(similarity), truth)
+  assert np.all(np.diff(align.match_layers(rng.normal(size=(5, 6)))) > 0)

@@ -54,8 +54,8 @@ def test_grow_preserves_logits_for_ffn_heads_kv_groups_and_identity_depth(family
   params = random_params(source)
   reference = _forward(source)(params, IDS)
   target = source.replace(num_layers=4, num_heads=6, num_kv_heads=3, intermediate_size=80)
-  for method in ("zero", "net2net"):
-    grown = resize.grow(source, params, target, method=method, depth="identity")
+  for method, depth in (("zero", "identity"), ("net2net", "identity"), ("net2net", "zero")):
+    grown = resize.grow(source, params, target, method=method, depth=depth)
     np.testing.assert_allclose(_forward(target)(grown, IDS), reference, atol=1e-5, rtol=0)
 
 
