@@ -188,18 +188,28 @@ class _Reporter:
     self.tokens_per_step = link.batch_size * link.microbatches * link.seq_len
     self.kd_name = "kl" if loss.kind == "fkl" and loss.temperature == 1.0 else loss.kind
     self.bar = _progress(steps, start, link.name, lead and config.log.progress)
-    self.window, self.t_window = metrics.TokenAverager(), time.time()
+    self.window, self.t_window, self.timed = metrics.TokenAverager(), time.time(), -1
+    self.rate = float("nan")
 
   def add(self, step: int, m: dict[str, Any]) -> None:
-    """One step's host metrics; writes the window's means every ``log.every`` steps."""
+    """One step's host metrics; writes the window's means every ``log.every`` steps.
+
+    Throughput leaves out the run's first step (mostly compilation) and evaluation time.
+    """
     m = dict(m, loss_sum=self.loss.kd_weight * m["kd_sum"] + self.loss.ce_weight * m["ce_sum"])
     m.pop("loss")
     self.window.add(m)
+    if self.timed < 0:
+      self.t_window, self.timed = time.time(), 0
+    else:
+      self.timed += 1
     if step % self.every and step != self.steps:
       return
     means = self.window.means()
-    elapsed = max(time.time() - self.t_window, 1e-9)
-    means["tokens_per_s"] = self.window.steps * self.tokens_per_step / elapsed
+    elapsed = time.time() - self.t_window
+    if self.timed:  # Else (a window of one step after a pause) the last rate stands.
+      self.rate = self.timed * self.tokens_per_step / elapsed
+    means["tokens_per_s"] = self.rate
     self.writer.write(step, means, "train/")
     self.bar.set_postfix(loss=f"{means['loss']:.4f}", **{self.kd_name: f"{means['kd']:.4f}"},
                          tok_s=f"{means['tokens_per_s']:.0f}", refresh=False)
@@ -207,9 +217,11 @@ class _Reporter:
       log.info("link %s step %d/%d loss %.4f %s %.4f tok/s %.0f", self.link.name, step,
                self.steps, means["loss"], self.kd_name, means["kd"], means["tokens_per_s"])
     self.window.reset()
-    self.t_window = time.time()
+    self.t_window, self.timed = time.time(), 0
 
   def evaluated(self, step: int, evals: dict[str, float]) -> None:
+    """Writes held-out metrics; throughput restarts after the time spent evaluating."""
+    self.timed = -1
     self.writer.write(step, evals, "eval/")
     self.bar.set_postfix_str(f"eval kl {evals['kl']:.4f} ppl {evals['ppl']:.2f}", refresh=False)
 
