@@ -129,7 +129,12 @@ def _compute(config: ModelConfig, link, dtype_key: str) -> ModelConfig:
 
 
 def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``."""
+  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``.
+
+  Each batch shard must live on one process's devices (true when the tensor axis stays within a
+  host, as ``jax.make_mesh`` lays meshes out); the rows' order across processes does not matter,
+  since losses are token sums.
+  """
   pc = jax.process_count()
   sh = batch_sharding(mesh, ndim=local["ids"].ndim, leading=leading)
   def one(x):
