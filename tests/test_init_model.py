@@ -151,3 +151,33 @@ def test_chain_manifest_picks_adjacent_done_anchors(anchors, tmp_path):
   assert target.pick_anchors(tmp_path, below_mid) == (root / "small", tmp_path / "anchors/mid")
   with pytest.raises(ValueError, match="outside the finished anchors' range"):
     target.pick_anchors(tmp_path, 2 * num_params(large))
+
+
+def test_alpha_sweep_picks_an_alpha_on_half_the_text_and_reports_on_the_other(anchors, tmp_path):
+  root = anchors["root"]
+  size = num_params(sizing.shape_at(anchors["small"], anchors["large"], 3, 48)[0])
+  lines = []
+  summary = target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}",
+                               out=tmp_path / "t", text=anchors["text"], alpha_sweep=True,
+                               seq_len=16, eval_tokens=136, log=lines.append)
+  assert set(summary["alpha_sweep"]) == {round(a / 10, 1) for a in range(11)}
+  assert summary["alpha"] == min(summary["alpha_sweep"], key=summary["alpha_sweep"].get)
+  assert any("alpha sweep" in line for line in lines)
+  assert "(64 tokens of" in lines[-2]  # 8 rows of 17: 4 rows for the sweep, 4 (64 tokens) scored.
+  assert hf_io.load_hf(tmp_path / "t")[0].num_layers == 3
+  with pytest.raises(ValueError, match="--alpha and --alpha_sweep"):
+    target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}", alpha=0.5,
+                       alpha_sweep=True, text=anchors["text"], out=tmp_path / "u", log=str)
+  with pytest.raises(ValueError, match="pass --text"):
+    target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}", alpha_sweep=True,
+                       out=tmp_path / "u", log=str)
+
+
+def test_every_flag_is_documented_in_help():
+  result = _run("--help")
+  assert result.returncode == 0
+  for flag in ("--size", "--chain", "--anchors", "--out", "--overwrite", "--alpha ",
+               "--alpha_sweep", "--text", "--shrink_method", "--grow_method", "--depth",
+               "--renormalize", "--no_align_layers", "--dtype", "--use_source", "--eval_tokens",
+               "--seq_len"):
+    assert flag in result.stdout, flag
