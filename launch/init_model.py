@@ -64,19 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  import ml_dtypes
-  import numpy as np
-
   from cbd_jax import target
 
-  dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
-           None: None}[args.dtype]
   try:
     target.init_target(
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
         out=args.out, alpha=args.alpha, alpha_sweep=args.alpha_sweep, text=args.text,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
-        renormalize=args.renormalize, align_layers=not args.no_align_layers, dtype=dtype,
+        renormalize=args.renormalize, align_layers=not args.no_align_layers, dtype=args.dtype,
         overwrite=args.overwrite,
         use_source=args.use_source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

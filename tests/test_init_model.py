@@ -159,12 +159,14 @@ def test_alpha_sweep_picks_an_alpha_on_half_the_text_and_reports_on_the_other(an
   lines = []
   summary = target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}",
                                out=tmp_path / "t", text=anchors["text"], alpha_sweep=True,
-                               seq_len=16, eval_tokens=136, log=lines.append)
+                               seq_len=16, eval_tokens=136, dtype="bfloat16",
+                               log=lines.append)
   assert set(summary["alpha_sweep"]) == {round(a / 10, 1) for a in range(11)}
   assert summary["alpha"] == min(summary["alpha_sweep"], key=summary["alpha_sweep"].get)
   assert any("alpha sweep" in line for line in lines)
   assert "(64 tokens of" in lines[-2]  # 8 rows of 17: 4 rows for the sweep, 4 (64 tokens) scored.
-  assert hf_io.load_hf(tmp_path / "t")[0].num_layers == 3
+  config, params = hf_io.load_hf(tmp_path / "t")
+  assert config.num_layers == 3 and params["embed"]["embedding"].dtype == "bfloat16"
   with pytest.raises(ValueError, match="--alpha and --alpha_sweep"):
     target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}", alpha=0.5,
                        alpha_sweep=True, text=anchors["text"], out=tmp_path / "u", log=str)
