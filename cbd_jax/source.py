@@ -56,11 +56,23 @@ def build_random_source(spec, out: str | os.PathLike, text: str) -> Path:
 
 
 def prepare_source(config) -> tuple[str, str]:
-  """(model path, tokenizer path) of the source; builds the random source if asked and missing."""
+  """(model path, tokenizer path) of the source; builds the random source if asked and missing.
+
+  A ``.gguf`` source is converted once into an HF folder in the cache (`cbd_jax.gguf_cache`) and
+  read from there: the same weights, loaded in seconds instead of dequantised on every load.
+  """
   path = os.path.expanduser(str(config.source.path))
   if config.source.get("random_init") and not os.path.exists(path):
     if jax.process_index() == 0:
       build_random_source(config.source.random_init, path, config.data.train)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("random-source")
+  if path.endswith(".gguf") and os.path.isfile(path):
+    from cbd_jax import gguf_cache
+
+    if jax.process_index() == 0:
+      gguf_cache.hf_folder(path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("gguf-source")
+    path = str(gguf_cache.converted_folder(path))
   return path, os.path.expanduser(str(config.source.get("tokenizer") or path))
