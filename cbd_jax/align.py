@@ -45,33 +45,47 @@ def match_layers(similarity: np.ndarray) -> np.ndarray:
   return m
 
 
-def matched_depth_map(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
-                      large_params: dict, small_map: resize.AxisMap) -> resize.AxisMap:
-  """Depth map of Shrink(large) aligned with Grow(small)'s ``small_map``: where Grow put small
-  layer j, take its counterpart m[j]; new positions take the large layers in between."""
-  if small_cfg.num_layers > large_cfg.num_layers:
+def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+                       large_params: dict, n_target: int, depth: str = "zero",
+                       large_scores=None) -> tuple[resize.AxisMap, resize.AxisMap]:
+  """(small map, large map) for a target of ``n_target`` layers whose every layer is a layer of
+  the large anchor: each small layer's counterpart m[j], plus n_target - L_small of the large
+  layers without a counterpart (the best by ``large_scores``, else evenly spread). Grow(small)
+  puts layer j where its counterpart sits; the other positions are new layers (``depth``)."""
+  n_small, n_large = small_cfg.num_layers, large_cfg.num_layers
+  if n_small > n_large:
     raise resize.ResizeError("the small anchor has more layers than the large one; pass the "
                              "anchors in (small, large) order")
   channels = min(small_cfg.hidden_size, large_cfg.hidden_size)
   sig_s = layer_signatures(small_cfg, small_params, channels)
   sig_l = layer_signatures(large_cfg, large_params, channels)
   m = match_layers(sig_s @ sig_l.T / sig_s.shape[1])
-  src, real = small_map.src[:, 0], small_map.w_split[:, 0] > 0
-  # A target position holds a real small layer when it is its first occurrence and not zeroed.
-  first = real & np.concatenate([[True], src[1:] != src[:-1]])
-  out = np.full(len(src), -1)
-  out[first] = m[src[first]]
-  fixed = [-1, *np.flatnonzero(first).tolist(), len(src)]
-  for a, b in zip(fixed[:-1], fixed[1:], strict=True):
-    gap = b - a - 1
-    if gap <= 0:
-      continue
-    lo = out[a] if a >= 0 else -1
-    hi = out[b] if b < len(src) else large_cfg.num_layers
-    between = np.arange(lo + 1, hi)
-    if len(between) >= gap:  # Evenly spread inside the interval.
-      out[a + 1:b] = between[(np.arange(1, gap + 1) * len(between)) // (gap + 1)]
-    else:  # Fewer large layers in between than positions: repeat the nearest one.
-      nearest = max(lo, 0) if a >= 0 else min(hi, large_cfg.num_layers - 1)
-      out[a + 1:b] = np.concatenate([between, np.full(gap, nearest)])[:gap]
-  return resize._one_hot_map(out)
+  if n_target <= n_small:  # Evenly spaced small layers and their counterparts.
+    keep = resize.depth_map(n_small, n_target, depth).src[:, 0]
+    return resize._one_hot_map(keep), resize._one_hot_map(m[keep])
+  extra = n_target - n_small
+  free = np.setdiff1d(np.arange(n_large), m)
+  if extra <= len(free):
+    if large_scores is None:
+      chosen = free[(np.arange(1, extra + 1) * len(free)) // (extra + 1)]
+    else:
+      chosen = free[np.argsort(-np.asarray(large_scores)[free], kind="stable")[:extra]]
+    layers = np.sort(np.concatenate([m, chosen]))
+  else:  # Deeper than the large anchor: every large layer, repeated.
+    layers = resize.depth_map(n_large, n_target, "repeat").src[:, 0]
+  small_src = np.full(n_target, -1)
+  for j, b in enumerate(m):
+    small_src[np.flatnonzero(layers == b)[0]] = j
+  is_new = small_src < 0
+  before = np.maximum.accumulate(np.where(is_new, -1, np.arange(n_target)))
+  copied = np.where(before >= 0, small_src[np.maximum(before, 0)], 0)  # The small layer before.
+  if depth == "zero":
+    small_map = resize._one_hot_map(small_src)
+  elif depth == "identity":
+    small_map = resize._one_hot_map(copied, w_split=np.where(is_new, 0.0, 1.0))
+  elif depth == "repeat":
+    small_map = resize._one_hot_map(copied)
+  else:
+    raise resize.ResizeError(f"unknown depth method {depth!r}; use 'zero', 'identity' or "
+                             "'repeat'")
+  return small_map, resize._one_hot_map(layers)

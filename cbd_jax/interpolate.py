@@ -31,27 +31,27 @@ def default_alpha(small: ModelConfig, large: ModelConfig, target: ModelConfig) -
 
 
 def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_method="leading",
-                 grow_method="zero", depth="zero", rescale_norms=False, align_layers=True):
+                 grow_method="zero", depth="zero", rescale_norms=False, align_layers=True,
+                 large_layer_scores=None):
   """(Grow(small), Shrink(large), filled): both anchors on the target shape; ``filled`` is 1.0
   where Grow(small) holds a source value and 0.0 where it only padded (zero fill / new layers).
 
-  ``align_layers``: Shrink(large) puts each small layer's counterpart (`align.matched_depth_map`)
-  where Grow(small) put that layer, instead of keeping evenly spaced layers.
+  ``align_layers``: every target layer is a layer of the large anchor, and Grow(small) puts each
+  small layer where its counterpart sits (`align.aligned_depth_maps`; ``large_layer_scores``
+  picks the other large layers kept); else both take evenly spaced positions.
   """
   (cs, ps), (cl, pl) = small, large
   resize.check_compatible(cs, cl)
-  grown = resize.grow(cs, ps, target, method=grow_method, depth=depth,
-                      rescale_norms=rescale_norms)
+  small_map = large_map = None
   if align_layers and cs.num_layers <= cl.num_layers:
-    maps = resize.make_maps(cl, pl, target, select=shrink_method)
-    small_map = resize.make_maps(cs, ps, target, fill=grow_method, depth=depth)["L"]
-    maps["L"] = align.matched_depth_map(cs, ps, cl, pl, small_map)
-    shrunk = resize.apply_maps(cl, pl, target, maps)
-  else:
-    shrunk = resize.shrink(cl, pl, target, method=shrink_method)
+    small_map, large_map = align.aligned_depth_maps(cs, ps, cl, pl, target.num_layers, depth,
+                                                    large_layer_scores)
+  grown = resize.resize(cs, ps, target, fill=grow_method, depth=depth,
+                        rescale_norms=rescale_norms, layer_map=small_map)
+  shrunk = resize.resize(cl, pl, target, select=shrink_method, layer_map=large_map)
   ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), ps)
-  filled = jax.tree.map(lambda x: (x != 0).astype(np.float32),
-                        resize.grow(cs, ones, target, method=grow_method, depth=depth))
+  filled = jax.tree.map(lambda x: (x != 0).astype(np.float32), resize.resize(
+      cs, ones, target, fill=grow_method, depth=depth, layer_map=small_map))
   return grown, shrunk, filled
 
 
@@ -73,7 +73,8 @@ def mix(grown: dict, shrunk: dict, alpha, filled: dict | None = None, xp=np) -> 
 def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
                 alpha: float | None = None, shrink_method: str = "leading",
                 grow_method: str = "zero", depth: str = "zero", renormalize: bool = False,
-                rescale_norms: bool = False, align_layers: bool = True) -> dict:
+                rescale_norms: bool = False, align_layers: bool = True,
+                large_layer_scores=None) -> dict:
   """alpha * Grow(small) + (1 - alpha) * Shrink(large) on ``target_config``'s shape.
 
   ``alpha`` defaults to `default_alpha`. ``renormalize`` takes the large anchor's value whole in
@@ -86,7 +87,8 @@ def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha={alpha} is outside [0, 1]; alpha weights the small anchor")
   grown, shrunk, filled = anchor_views(small, large, target_config, shrink_method, grow_method,
-                                       depth, rescale_norms, align_layers)
+                                       depth, rescale_norms, align_layers,
+                                       large_layer_scores)
   return mix(grown, shrunk, alpha, filled if renormalize else None)
 
 

@@ -356,13 +356,15 @@ def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: 
 
 def resize(config: ModelConfig, params: Params, target: ModelConfig, select: str = "leading",
            fill: str = "net2net", depth: str = "identity", layer_select="even",
-           rescale_norms: bool = False) -> Params:
+           rescale_norms: bool = False, layer_map: AxisMap | None = None) -> Params:
   """Params of shape ``target``: select on shrinking axes, fill on growing axes.
 
   ``rescale_norms`` multiplies norm scales by sqrt(D_source / D_target): RMSNorm over zero-padded
   channels divides by a root mean square that is sqrt(D_source / D_target) times the source's.
   """
   maps = make_maps(config, params, target, select, fill, depth, layer_select)
+  if layer_map is not None:  # E.g. layers aligned with another anchor (`align`).
+    maps["L"] = layer_map
   out = apply_maps(config, params, target, maps)
   if rescale_norms and config.hidden_size != target.hidden_size:
     factor = math.sqrt(config.hidden_size / target.hidden_size)

@@ -129,11 +129,20 @@ def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
   small = jax.tree.map(lambda x: x + 0.01 * np.random.default_rng(7).standard_normal(x.shape),
                        small)
   target = large_cfg.replace(num_layers=7)
-  small_map = resize.make_maps(small_cfg, small, target, fill="zero", depth="identity")["L"]
-  np.testing.assert_array_equal(small_map.src[:, 0], [0, 0, 1, 1, 2, 2, 3])  # At 0, 2, 4, 6.
-  large_map = align.matched_depth_map(small_cfg, small, large_cfg, large, small_map)
-  # Counterparts where Grow put the small layers; large layers in between elsewhere.
-  np.testing.assert_array_equal(large_map.src[:, 0], [0, 0, 1, 3, 5, 7, 8])
+  small_map, large_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7)
+  # Every target layer is a large layer: the counterparts 0, 1, 5, 8 and three of the others,
+  # evenly spread; the small layers sit with their counterparts, the rest are new (-1).
+  np.testing.assert_array_equal(large_map.src[:, 0], [0, 1, 3, 4, 5, 6, 8])
+  np.testing.assert_array_equal(small_map.src[:, 0], [0, 1, -1, -1, 2, -1, 3])
+  scores = np.arange(9.0)  # Prefer the deepest free layers instead.
+  by_score = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, large_scores=scores)
+  np.testing.assert_array_equal(by_score[1].src[:, 0], [0, 1, 4, 5, 6, 7, 8])
+  ids = np.random.default_rng(9).integers(0, 53, (2, 6))
+  reference = model.forward(small_cfg, small, ids)
+  for depth in ("zero", "identity"):  # Grow(small) on the aligned layout keeps its function.
+    small_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, depth)[0]
+    grown = resize.resize(small_cfg, small, target, fill="zero", depth=depth, layer_map=small_map)
+    np.testing.assert_allclose(model.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
   mixed = resize.flatten(interpolate.interpolate((small_cfg, small), (large_cfg, large), target,
                                                  0.5))
   scale = "layers/attn_norm/scale"
