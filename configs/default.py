@@ -85,10 +85,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg == "smoke":
     c.workdir = "runs/smollm2_chain_smoke"
     for item, shape in zip(c.chain, SMOKE_ANCHORS):
-      item.tokens, item.steps, item.batch_size, item.seq_len = 0, 1, 2, 32
+      item.tokens, item.steps, item.batch_size, item.seq_len = 0, 1, 8, 32
       item.shape.update(shape)
     c.checkpoint.every = 1
-    c.eval.update(dict(batch_size=2, num_batches=1))
+    c.eval.update(dict(batch_size=8, num_batches=1))
     c.log.update(dict(every=1, progress=False))
     c.report.update(dict(target_size="10.4m", eval_tokens=256, seq_len=32))
   return c

@@ -78,13 +78,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.report = mlc.ConfigDict(dict(eval_tokens=4096, seq_len=128))
   if smoke:
     c.workdir += "_smoke"
-    link.update(dict(tokens=0, steps=2, batch_size=2, seq_len=32, teacher_len=48,
+    link.update(dict(tokens=0, steps=2, batch_size=8, seq_len=32, teacher_len=48,
                      max_windows=16))
     link.student.update(dict(num_layers=1, hidden_size=64, num_heads=1, num_kv_heads=1,
                              intermediate_size=256, max_position_embeddings=64))
     link.seqkd.update(dict(num_sequences=4, prompt_tokens=8, new_tokens=8, batch_size=4))
     c.checkpoint.every = 1
-    c.eval.update(dict(batch_size=2, num_batches=1))
+    c.eval.update(dict(batch_size=8, num_batches=1))
     c.log.every = 1
     c.report.update(dict(eval_tokens=256, seq_len=32))
   return c

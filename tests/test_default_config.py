@@ -53,7 +53,8 @@ def test_unknown_variant_names_the_valid_ones():
 def test_train_chain_without_config_runs_the_default():
   code = ("import sys, runpy; sys.argv = ['train_chain.py', '--config.chain[1].tokens=7']; "
           "m = runpy.run_path('launch/train_chain.py', run_name='probe'); "
-          "from absl import flags; flags.FLAGS(sys.argv); c = m['_load_config'](); "
+          "argv = m['_with_default_config'](sys.argv); "
+          "from absl import flags; flags.FLAGS(argv); c = flags.FLAGS.config; "
           "print(c.workdir, c.source.path, c.chain[0].name, c.chain[1].tokens)")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
