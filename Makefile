@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench-load
+.PHONY: setup demo test lint
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,13 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+# The embedded default (configs/default.py): SmolLM2-135M -> ~70M -> ~30M anchors, then a 50M
+# model between the two anchors with no teacher call, then the report. Re-running resumes.
 demo: setup
 	$(PY) launch/fetch_assets.py
 	$(PY) launch/train_chain.py
-	$(PY) launch/init_model.py
+	$(PY) launch/init_model.py --size=50m --overwrite --text=$${CBD_CACHE:-$$HOME/.cache/cbd-jax}/text/news_heldout.txt
+	$(PY) launch/report.py
 
 test: setup
 	$(PY) launch/fetch_assets.py
