@@ -1,6 +1,6 @@
 """Fused vs naive KD loss and gradient: peak memory and time at a Qwen-size vocabulary.
 
-    python benchmarks/bench_fused_loss.py --tokens 4096 --chunk-size 256     # CPU
+    python benchmarks/bench_fused_loss.py --tokens 4096 --time-tokens 2048     # CPU, 24 GB
     python benchmarks/bench_fused_loss.py --tokens 32768 --repeats 10        # one GPU
 
 Every variant computes sum_t KL(p_t || q_t) with p, q from hidden [1, tokens, D] @ head^T [D, V]
@@ -14,7 +14,7 @@ Memory: each variant runs once in its own subprocess (same shapes, same inputs),
     peak resident memory growth (ru_maxrss minus resident memory before compiling).
 Time: one more subprocess compiles every variant and runs them in turn (naive, fused, naive,
 fused, ...) ``--repeats`` times after a warm-up, so a shared machine's load hits them alike;
-the median per variant is reported.
+the median per variant is reported (on ``--time-tokens`` tokens, default ``--tokens``).
 Prints a table with fused / naive ratios and writes benchmarks/results/fused_loss.json.
 Targets: fused peak memory <= 1/8 of naive, fused time <= 1.3x naive.
 """
@@ -37,6 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "fused_loss.json"
 def _parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tokens", type=int, default=4096, help="batch * seq tokens")
+  ap.add_argument("--time-tokens", type=int, default=None,
+                  help="tokens for the timing phase (default --tokens); it holds every variant "
+                       "at once, so a small shared machine may need fewer")
   ap.add_argument("--vocab", type=int, default=151_936)
   ap.add_argument("--dim", type=int, default=896, help="student hidden size")
   ap.add_argument("--teacher-dim", type=int, default=896)
@@ -46,6 +49,8 @@ def _parse(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--variants", default="naive,fused", help="naive, fused or fused:CHUNK")
   ap.add_argument("--skip-memory", action="store_true", help="time only")
+  ap.add_argument("--analysis-only", action="store_true",
+                  help="memory phase compiles without running: XLA figures only, no RSS")
   ap.add_argument("--out", type=Path, default=RESULTS)
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return ap.parse_args(argv)
@@ -56,13 +61,13 @@ def _rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _inputs(args):
+def _inputs(args, n: int):
   import jax
   import jax.numpy as jnp
 
   dt = jnp.dtype(args.dtype)
   ks = jax.random.split(jax.random.PRNGKey(0), 4)
-  n, v, d, d_t = args.tokens, args.vocab, args.dim, args.teacher_dim
+  v, d, d_t = args.vocab, args.dim, args.teacher_dim
   hs = jax.random.normal(ks[0], (1, n, d), dt)
   ws = (0.05 * jax.random.normal(ks[1], (v, d))).astype(dt)
   ht = jax.random.normal(ks[2], (1, n, d_t), dt)
@@ -98,29 +103,31 @@ def _memory_worker(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  inputs = _inputs(args)
+  inputs = _inputs(args, args.tokens)
   rss_before = _rss_bytes()
   compiled = _step(args.worker, args).lower(*inputs).compile()
   mem = compiled.memory_analysis()
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(compiled(*inputs))
-  first_s = time.perf_counter() - t0
-  stats = jax.devices()[0].memory_stats() or {}
-  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   dev = jax.devices()[0]
-  return {
+  result = {
       "device": f"{dev.platform}: {dev.device_kind}",
-      "loss": float(out[0]),
-      "grad_head_norm": float(jnp.linalg.norm(out[1][1].astype(jnp.float32))),
       "xla_temp_bytes": int(mem.temp_size_in_bytes),
       "xla_output_bytes": int(mem.output_size_in_bytes),
       "xla_argument_bytes": int(mem.argument_size_in_bytes),
       "xla_peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes),
-      "device_peak_bytes": int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats
-      else None,
-      "rss_growth_bytes": int(peak_rss - rss_before),
-      "first_run_s": first_s,
+      "device_peak_bytes": None, "rss_growth_bytes": None,
   }
+  if args.analysis_only:
+    return result
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(compiled(*inputs))
+  result["first_run_s"] = time.perf_counter() - t0
+  stats = dev.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  result.update(rss_growth_bytes=int(peak_rss - rss_before), loss=float(out[0]),
+                grad_head_norm=float(jnp.linalg.norm(out[1][1].astype(jnp.float32))))
+  return result
 
 
 def _time_worker(args) -> dict:
@@ -128,7 +135,7 @@ def _time_worker(args) -> dict:
   import jax
 
   variants = args.variants.split(",")
-  inputs = _inputs(args)
+  inputs = _inputs(args, args.time_tokens or args.tokens)
   compiled = {v: _step(v, args).lower(*inputs).compile() for v in variants}
   for v in variants:  # warm-up
     jax.block_until_ready(compiled[v](*inputs))
@@ -170,7 +177,8 @@ def main(argv=None):
     print(f"variant(s) failed: {failed}", file=sys.stderr)
   device = next((r["device"] for r in rows.values() if "device" in r), "unknown")
   print(f"KD ({args.kind}) loss + grad w.r.t. student hidden and head: tokens={args.tokens} "
-        f"V={args.vocab} D={args.dim} dtype={args.dtype} chunk={args.chunk_size} on {device}")
+        f"(timing: {args.time_tokens or args.tokens}) V={args.vocab} D={args.dim} "
+        f"dtype={args.dtype} chunk={args.chunk_size} on {device}")
   cols = ("xla_peak_bytes", "xla_temp_bytes", "device_peak_bytes", "rss_growth_bytes")
   print(f"{'variant':12s}{'xla peak':>9s}{'xla temp':>9s}{'dev peak':>9s}{'rss grow':>9s}  "
         f"(GiB){'median s':>10s}")
@@ -185,9 +193,11 @@ def main(argv=None):
     ratio = {"time": r["median_s"] / base["median_s"]}
     if not args.skip_memory:
       ratio.update(memory_xla_peak=r["xla_peak_bytes"] / base["xla_peak_bytes"],
-                   memory_xla_temp=r["xla_temp_bytes"] / base["xla_temp_bytes"],
-                   memory_rss_growth=r["rss_growth_bytes"] / max(base["rss_growth_bytes"], 1),
-                   loss_rel_diff=abs(r["loss"] - base["loss"]) / abs(base["loss"]))
+                   memory_xla_temp=r["xla_temp_bytes"] / base["xla_temp_bytes"])
+      if base.get("rss_growth_bytes") and r.get("rss_growth_bytes"):
+        ratio["memory_rss_growth"] = r["rss_growth_bytes"] / base["rss_growth_bytes"]
+      if "loss" in base and "loss" in r:
+        ratio["loss_rel_diff"] = abs(r["loss"] - base["loss"]) / abs(base["loss"])
       if base.get("device_peak_bytes") and r.get("device_peak_bytes"):
         ratio["memory_device_peak"] = r["device_peak_bytes"] / base["device_peak_bytes"]
     ratios[v] = ratio
