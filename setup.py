@@ -22,6 +22,7 @@ setup(
         "einops>=0.8",
         "gguf>=0.16",
         "numpy",
+        "scipy",
         "ml_dtypes",
         "tqdm",
     ],

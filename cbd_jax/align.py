@@ -1,16 +1,20 @@
-"""Layer alignment: which layers of the large anchor correspond to the small anchor's layers.
+"""Alignment: which layers, channels, neurons and heads of the large anchor are the small one's.
 
-Anchors of one chain descend from each other (a small anchor starts as its predecessor shrunk), so
-their layers have counterparts; mixing a layer with a neighbour of its counterpart destroys both.
-The counterpart is found by comparing per-layer signatures (norm scales and the per-channel size
-of what the layer writes) on the residual channels the two share (the leading ones).
+Anchors of one chain descend from each other (a small anchor starts as its predecessor shrunk, and
+an importance Shrink keeps a scattered subset of channels, neurons and heads), so their units have
+counterparts; mixing a unit with anything but its counterpart destroys both. `align_units`
+reorders the large anchor's units (a permutation, so its function is unchanged) until each small
+unit's counterpart sits at the small unit's index and a leading Shrink keeps them. Layers are
+matched by per-layer signatures (`match_layers`); residual channels by embedding columns; FFN
+neurons, kv groups and heads layer by layer, by the weights that read and write them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.optimize
 
-from cbd_jax import resize
+from cbd_jax import importance, resize
 from cbd_jax.config import ModelConfig
 
 
@@ -89,3 +93,123 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
     raise resize.ResizeError(f"unknown depth method {depth!r}; use 'zero', 'identity' or "
                              "'repeat'")
   return small_map, resize._one_hot_map(layers)
+
+
+def depth_counterparts(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+                       large_params: dict) -> np.ndarray:
+  """m[j]: the large layer that is small layer j's counterpart (increasing in j)."""
+  channels = min(small_cfg.hidden_size, large_cfg.hidden_size)
+  sig_s = layer_signatures(small_cfg, small_params, channels)
+  sig_l = layer_signatures(large_cfg, large_params, channels)
+  return match_layers(sig_s @ sig_l.T / sig_s.shape[1])
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  """[n, ...] -> [n, prod(...)] rows of unit length (zero rows stay zero)."""
+  x = np.asarray(x, np.float32).reshape(len(x), -1)
+  return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
+
+
+def _features(parts_small, parts_large) -> np.ndarray:
+  """Cosine similarity [n_small, n_large] of units described by several weight slices each."""
+  xs = np.concatenate([_unit_rows(p) for p in parts_small], axis=-1)
+  xl = np.concatenate([_unit_rows(p) for p in parts_large], axis=-1)
+  return xs @ xl.T / len(parts_small)
+
+
+def assign(similarity: np.ndarray) -> np.ndarray:
+  """a[i]: the distinct large unit matched to small unit i, maximising total similarity (the
+  row-wise argmax when it is already one-to-one, else a linear assignment)."""
+  best = similarity.argmax(axis=1)
+  if len(np.unique(best)) == len(best):
+    return best
+  rows, cols = scipy.optimize.linear_sum_assignment(similarity, maximize=True)
+  return cols[np.argsort(rows)]
+
+
+def _order(matched: np.ndarray, n: int, scores: np.ndarray | None) -> np.ndarray:
+  """A permutation of range(n): the matched units first, then the rest (best score first)."""
+  rest = np.setdiff1d(np.arange(n), matched)
+  if scores is not None:
+    rest = rest[np.argsort(-np.asarray(scores)[rest], kind="stable")]
+  return np.concatenate([np.asarray(matched, np.int64), rest]).astype(np.int64)
+
+
+def _permute(config: ModelConfig, flat: dict, kind: str, perm: np.ndarray,
+             layer: int | None = None) -> None:
+  """Reorders the ``kind`` units of every leaf in ``flat`` (of one layer, or of all)."""
+  for path, spec in resize.leaf_specs(config).items():
+    for axis, (k, _) in enumerate(spec):
+      if k != kind:
+        continue
+      x = np.array(flat[path])
+      if layer is None:
+        x = np.take(x, perm, axis=axis)
+      else:
+        x[layer] = np.take(x[layer], perm, axis=axis - 1)
+      flat[path] = x
+
+
+def _layer_slices(config: ModelConfig, flat: dict, layer: int, channels: int) -> dict:
+  """Per-unit weight slices of one layer on the first ``channels`` residual channels:
+  {"F": [...], "K": [...], "H": [...]}, each a list of [units, ...] arrays."""
+  c, d = config, channels
+  take = lambda path: np.asarray(flat[path][layer], np.float32)
+  q, k, v = take("layers/attn/q/weight"), take("layers/attn/k/weight"), take("layers/attn/v/weight")
+  o = take("layers/attn/o/weight")[:d]  # [D, H, hd]
+  up, down = take("layers/mlp/up/weight")[:, :d], take("layers/mlp/down/weight")[:d].T
+  ffn = [up, down] + ([take("layers/mlp/gate/weight")[:, :d]] if c.gated_mlp else [])
+  return {"F": ffn, "K": [k[..., :d], v[..., :d]], "H": [q[..., :d], o.transpose(1, 2, 0)]}
+
+
+def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+                large_params: dict, extras: str = "leading") -> dict:
+  """The large anchor's params with its units reordered (same function) so that every unit of
+  the small anchor has its counterpart at the same index: residual channels (by embedding
+  columns), then, for each small layer and its counterpart layer, FFN neurons, kv groups and the
+  query heads inside each group (by the weights that read and write them).
+
+  Units the small anchor has no counterpart for follow, in source order (``extras="leading"``)
+  or by weight norm (``"importance"``), so a leading Shrink of the result keeps the counterparts
+  and then the best of the rest. An axis where the small anchor has more units is left as it is.
+  """
+  if extras not in ("leading", "importance"):
+    raise resize.ResizeError(f"unknown shrink method {extras!r}; use 'leading' or 'importance'")
+  resize.check_compatible(small_cfg, large_cfg)
+  cs, cl = small_cfg, large_cfg
+  fs = resize.check_params(cs, small_params, "small anchor")
+  fl = dict(resize.check_params(cl, large_params, "large anchor"))
+  scored = extras == "importance"
+  d = min(cs.hidden_size, cl.hidden_size)
+  if cs.hidden_size <= cl.hidden_size:
+    sim = _features([np.asarray(fs["embed/embedding"], np.float32).T],
+                    [np.asarray(fl["embed/embedding"], np.float32).T])
+    scores = importance.unit_scores(cl, resize.unflatten(fl))["D"] if scored else None
+    _permute(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
+  m = depth_counterparts(cs, small_params, cl, resize.unflatten(fl))
+  gs, gl = cs.num_heads // cs.num_kv_heads, cl.num_heads // cl.num_kv_heads
+  for j, b in enumerate(m):
+    small, large = _layer_slices(cs, fs, j, d), _layer_slices(cl, fl, b, d)
+    scores = importance.unit_scores(cl, resize.unflatten(fl), layer=b) if scored else {}
+    if cs.intermediate_size <= cl.intermediate_size:
+      matched = assign(_features(small["F"], large["F"]))
+      _permute(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)
+    if cs.num_kv_heads > cl.num_kv_heads or gs > gl:
+      continue
+    groups = assign(_features(small["K"], large["K"]))
+    group_order = _order(groups, cl.num_kv_heads, scores.get("K"))
+    _permute(cl, fl, "K", group_order, b)
+    head_scores = scores.get("H")
+    head_order = []
+    for i, g in enumerate(group_order):  # Heads move with their group; inside, counterparts first.
+      heads_l = np.arange(g * gl, (g + 1) * gl)
+      if i < cs.num_kv_heads:
+        heads_s = np.arange(i * gs, (i + 1) * gs)
+        sim = _features([p[heads_s] for p in small["H"]], [p[heads_l] for p in large["H"]])
+        local = _order(assign(sim), gl, None if head_scores is None else head_scores[heads_l])
+      else:
+        local = _order(np.zeros(0, np.int64), gl,
+                       None if head_scores is None else head_scores[heads_l])
+      head_order.append(heads_l[local])
+    _permute(cl, fl, "H", np.concatenate(head_order), b)
+  return resize.unflatten(fl)

@@ -10,11 +10,13 @@ from cbd_jax.config import ModelConfig
 from cbd_jax.resize import SPLIT, check_params, leaf_specs
 
 
-def unit_scores(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+def unit_scores(config: ModelConfig, params: dict, layer: int | None = None
+                ) -> dict[str, np.ndarray]:
   """score_kind[u] = sum over leaves with a `kind` axis of mean_{other axes}(w^2)[u] / mean(w^2).
 
   Each leaf is normalised by its own mean square, so no single tensor dominates. Layers are scored
   only by what they write to the residual stream (o and down); a kv group adds its heads' scores.
+  ``layer``: score the units of that one layer (leaves without a layer axis count as they are).
   """
   flat = check_params(config, params, "params")
   sizes = {"D": config.hidden_size, "F": config.intermediate_size, "H": config.num_heads,
@@ -22,6 +24,8 @@ def unit_scores(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   scores = {k: np.zeros(n) for k, n in sizes.items()}
   for path, spec in leaf_specs(config).items():
     sq = np.square(np.asarray(flat[path], np.float32))
+    if layer is not None and spec[0][0] == "L":
+      sq, spec = sq[layer], spec[1:]
     total = float(sq.mean()) or 1.0
     for axis, (kind, role) in enumerate(spec):
       if kind not in scores or (kind == "L" and role != SPLIT):

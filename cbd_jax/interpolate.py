@@ -32,16 +32,22 @@ def default_alpha(small: ModelConfig, large: ModelConfig, target: ModelConfig) -
 
 def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_method="leading",
                  grow_method="zero", depth="zero", rescale_norms=False, align_layers=True,
-                 large_layer_scores=None):
+                 large_layer_scores=None, align_units=True):
   """(Grow(small), Shrink(large), filled): both anchors on the target shape; ``filled`` is 1.0
   where Grow(small) holds a source value and 0.0 where it only padded (zero fill / new layers).
 
   ``align_layers``: every target layer is a layer of the large anchor, and Grow(small) puts each
   small layer where its counterpart sits (`align.aligned_depth_maps`; ``large_layer_scores``
   picks the other large layers kept); else both take evenly spaced positions.
+  ``align_units``: first reorder the large anchor's channels, neurons and heads so that each
+  small unit's counterpart has its index (`align.align_units`); ``shrink_method`` then only
+  orders the large units without a counterpart, and Shrink keeps the leading ones.
   """
   (cs, ps), (cl, pl) = small, large
   resize.check_compatible(cs, cl)
+  if align_units:
+    pl = align.align_units(cs, ps, cl, pl, extras=shrink_method)
+    shrink_method = "leading"
   small_map = large_map = None
   if align_layers and cs.num_layers <= cl.num_layers:
     small_map, large_map = align.aligned_depth_maps(cs, ps, cl, pl, target.num_layers, depth,
@@ -74,7 +80,7 @@ def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
                 alpha: float | None = None, shrink_method: str = "leading",
                 grow_method: str = "zero", depth: str = "zero", renormalize: bool = False,
                 rescale_norms: bool = False, align_layers: bool = True,
-                large_layer_scores=None) -> dict:
+                large_layer_scores=None, align_units: bool = True) -> dict:
   """alpha * Grow(small) + (1 - alpha) * Shrink(large) on ``target_config``'s shape.
 
   ``alpha`` defaults to `default_alpha`. ``renormalize`` takes the large anchor's value whole in
@@ -88,7 +94,7 @@ def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
     raise ValueError(f"alpha={alpha} is outside [0, 1]; alpha weights the small anchor")
   grown, shrunk, filled = anchor_views(small, large, target_config, shrink_method, grow_method,
                                        depth, rescale_norms, align_layers,
-                                       large_layer_scores)
+                                       large_layer_scores, align_units)
   return mix(grown, shrunk, alpha, filled if renormalize else None)
 
 

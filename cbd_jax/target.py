@@ -84,7 +84,7 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
                 alpha_sweep: bool = False, text: str | Path | None = None,
                 shrink_method: str = "leading", grow_method: str = "zero",
                 depth: str = "zero", renormalize: bool = False, align_layers: bool = True,
-                dtype: str | None = None,
+                align_units: bool = True, dtype: str | None = None,
                 overwrite: bool = False, use_source: bool = False, eval_tokens: int = 8192,
                 seq_len: int = 256, log: Callable[[str], None] = print) -> dict:
   """Interpolates a ``size`` model from two anchors, saves it to ``out``; returns a summary.
@@ -133,7 +133,7 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
         raise ValueError(f"{text}: too short to split for --alpha_sweep; give a longer text")
       sweep_rows, rows = rows[:len(rows) // 2], rows[len(rows) // 2:]
   kwargs = dict(shrink_method=shrink_method, grow_method=grow_method, depth=depth,
-                align_layers=align_layers)
+                align_layers=align_layers, align_units=align_units)
   sweep = None
   if alpha_sweep:
     alpha, sweep = interpolate.sweep_alpha(small, large, target, sweep_rows,

@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="tokens of --text to evaluate on")
   p.add_argument("--seq_len", type=int, default=256, help="evaluation sequence length")
   p.add_argument("--shrink_method", default="leading", choices=("leading", "importance"),
-                 help="units kept from the large anchor: leading slice or largest weight norms")
+                 help="units kept from the large anchor beyond the small anchor's counterparts: "
+                      "leading ones or largest weight norms (all units when --no_align_units)")
   p.add_argument("--grow_method", default="zero", choices=("zero", "net2net"),
                  help="new units of the grown small anchor: zeros or Net2Net copies")
   p.add_argument("--depth", default="zero", choices=("zero", "identity", "repeat"),
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no_align_layers", action="store_true",
                  help="take evenly spaced layers of the large anchor instead of the counterparts "
                       "of the small anchor's layers")
+  p.add_argument("--no_align_units", action="store_true",
+                 help="mix units by index instead of first reordering the large anchor's "
+                      "channels, FFN neurons and heads to line up with their counterparts in the "
+                      "small anchor (only right when the small anchor kept leading units)")
   p.add_argument("--renormalize", action="store_true",
                  help="where Grow only padded, take the large anchor's value whole")
   p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -71,7 +76,8 @@ def main(argv=None) -> int:
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
         out=args.out, alpha=args.alpha, alpha_sweep=args.alpha_sweep, text=args.text,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
-        renormalize=args.renormalize, align_layers=not args.no_align_layers, dtype=args.dtype,
+        renormalize=args.renormalize, align_layers=not args.no_align_layers,
+        align_units=not args.no_align_units, dtype=args.dtype,
         overwrite=args.overwrite,
         use_source=args.use_source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -28,9 +28,15 @@ def test_alpha_one_and_zero_return_the_anchors_exactly(family):
   for alpha, expect in ((1.0, small), (0.0, large)):
     for renormalize in (False, True):
       out = interpolate.interpolate((config, small), (config, large), config, alpha,
-                                    renormalize=renormalize)
+                                    renormalize=renormalize, align_units=False)
       jax.tree.map(np.testing.assert_array_equal, out, expect)
-  half = interpolate.interpolate((config, small), (config, large), config, 0.25)
+  # Aligned, the large endpoint is the large anchor with its units reordered: the same function.
+  ids = np.random.default_rng(3).integers(0, 53, (2, 6))
+  out = interpolate.interpolate((config, small), (config, large), config, 0.0)
+  np.testing.assert_allclose(model.forward(config, out, ids), model.forward(config, large, ids),
+                             atol=1e-5, rtol=0)
+  half = interpolate.interpolate((config, small), (config, large), config, 0.25,
+                                 align_units=False)
   jax.tree.map(lambda o, s, b: np.testing.assert_allclose(o, 0.25 * s + 0.75 * b, atol=1e-7),
                half, small, large)
 
@@ -57,7 +63,7 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
                             intermediate_size=64)
   alpha = interpolate.default_alpha(small[0], large[0], target)
   out = resize.flatten(interpolate.interpolate(small, large, target, depth="identity",
-                                               align_layers=False))
+                                               align_layers=False, align_units=False))
   grown = resize.flatten(resize.grow(*small, target))
   shrunk = resize.flatten(resize.shrink(*large, target))
   assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
@@ -69,7 +75,7 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   small, large = _anchors()
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
-  kw = dict(depth="identity", align_layers=False)
+  kw = dict(depth="identity", align_layers=False, align_units=False)
   plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, **kw))
   renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
                                                   **kw))
@@ -83,7 +89,8 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
   # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
   zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
-                                                depth="zero", align_layers=False))
+                                                depth="zero", align_layers=False,
+                                                align_units=False))
   for path, x in zero.items():
     if path.startswith("layers/"):
       np.testing.assert_array_equal(x[1], shrunk[path][1], err_msg=path)
@@ -157,3 +164,45 @@ def test_monotone_layer_matching_recovers_a_noisy_subset():
   similarity[np.arange(7), truth] += 1.0
   np.testing.assert_array_equal(align.match_layers(similarity), truth)
   assert np.all(np.diff(align.match_layers(rng.normal(size=(5, 6)))) > 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_units_of_an_importance_shrunk_anchor_are_aligned_with_their_counterparts(family):
+  """A small anchor made by an importance Shrink keeps a scattered subset of the large anchor's
+  channels, neurons, kv groups and heads. Aligning reorders the large anchor without changing its
+  function, so that Shrink of it to the small shape gives the small anchor back: every mix of
+  the two is then the small anchor (up to the noise added to it), whatever alpha."""
+  large_cfg = _config(family, num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
+                      intermediate_size=96)
+  small_cfg = _config(family, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48)
+  large = random_params(large_cfg, 11)
+  clean = resize.shrink(large_cfg, large, small_cfg, method="importance")
+  rng = np.random.default_rng(12)
+  small = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype), clean)
+  ids = rng.integers(0, 53, (2, 6))
+  for extras in ("leading", "importance"):
+    aligned = align.align_units(small_cfg, small, large_cfg, large, extras=extras)
+    np.testing.assert_allclose(model.forward(large_cfg, aligned, ids),
+                               model.forward(large_cfg, large, ids), atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, c: np.testing.assert_array_equal(a, c), clean,
+                 resize.shrink(large_cfg, aligned, small_cfg))
+  for alpha in (0.0, 0.4):
+    out = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, alpha)
+    jax.tree.map(lambda o, s, c, a=alpha: np.testing.assert_allclose(
+        o, a * s + (1 - a) * c, atol=1e-6), out, small, clean)
+  unaligned = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, 0.0,
+                                      align_units=False)
+  worst = max(jax.tree.leaves(jax.tree.map(lambda o, c: float(np.abs(o - c).max()), unaligned,
+                                           clean)))
+  assert worst > 0.1  # Without alignment the mix pairs unrelated units.
+
+
+def test_assignment_is_one_to_one_and_maximises_similarity():
+  rng = np.random.default_rng(13)
+  truth = rng.permutation(9)[:6]
+  similarity = rng.normal(0, 0.1, (6, 9))
+  similarity[np.arange(6), truth] += 1.0
+  np.testing.assert_array_equal(align.assign(similarity), truth)
+  tie = np.array([[1.0, 0.9], [1.0, 0.2]])  # Both prefer unit 0; the total is best as (1, 0).
+  np.testing.assert_array_equal(align.assign(tie), [1, 0])
