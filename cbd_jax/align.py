@@ -137,17 +137,13 @@ def _order(matched: np.ndarray, n: int, scores: np.ndarray | None) -> np.ndarray
 
 def _permute(config: ModelConfig, flat: dict, kind: str, perm: np.ndarray,
              layer: int | None = None) -> None:
-  """Reorders the ``kind`` units of every leaf in ``flat`` (of one layer, or of all)."""
+  """Reorders the ``kind`` units of every leaf in ``flat`` (of one layer, in place, or of all)."""
   for path, spec in resize.leaf_specs(config).items():
     for axis, (k, _) in enumerate(spec):
-      if k != kind:
-        continue
-      x = np.array(flat[path])
-      if layer is None:
-        x = np.take(x, perm, axis=axis)
-      else:
-        x[layer] = np.take(x[layer], perm, axis=axis - 1)
-      flat[path] = x
+      if k == kind and layer is None:
+        flat[path] = np.take(flat[path], perm, axis=axis)
+      elif k == kind:
+        flat[path][layer] = np.take(flat[path][layer], perm, axis=axis - 1)
 
 
 def _layer_slices(config: ModelConfig, flat: dict, layer: int, channels: int) -> dict:
@@ -178,7 +174,7 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
   resize.check_compatible(small_cfg, large_cfg)
   cs, cl = small_cfg, large_cfg
   fs = resize.check_params(cs, small_params, "small anchor")
-  fl = dict(resize.check_params(cl, large_params, "large anchor"))
+  fl = {k: np.array(v) for k, v in resize.check_params(cl, large_params, "large anchor").items()}
   scored = extras == "importance"
   d = min(cs.hidden_size, cl.hidden_size)
   if cs.hidden_size <= cl.hidden_size:

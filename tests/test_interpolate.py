@@ -181,12 +181,14 @@ def test_units_of_an_importance_shrunk_anchor_are_aligned_with_their_counterpart
   rng = np.random.default_rng(12)
   small = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype), clean)
   ids = rng.integers(0, 53, (2, 6))
+  before = jax.tree.map(np.copy, large)
   for extras in ("leading", "importance"):
     aligned = align.align_units(small_cfg, small, large_cfg, large, extras=extras)
     np.testing.assert_allclose(model.forward(large_cfg, aligned, ids),
                                model.forward(large_cfg, large, ids), atol=1e-5, rtol=0)
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(a, c), clean,
                  resize.shrink(large_cfg, aligned, small_cfg))
+  jax.tree.map(np.testing.assert_array_equal, large, before)  # The caller's params are kept.
   for alpha in (0.0, 0.4):
     out = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, alpha)
     jax.tree.map(lambda o, s, c, a=alpha: np.testing.assert_allclose(
