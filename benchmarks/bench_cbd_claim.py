@@ -124,6 +124,21 @@ def initialisations(source, small, large, target_config, shrink_method: str, see
           "d": host(grown), "e": host(shrunk), "f": host(shrunk)}
 
 
+def zero_step_variants(small, large, target_config, ids_NxT, evaluate) -> dict[str, float]:
+  """Held-out loss at 0 tokens of the interpolation's other settings (no training, no teacher):
+  without unit alignment (units mixed by index), with the large anchor's layers chosen by block
+  influence, and with alpha chosen by the teacher-free sweep; ``ids`` is training text."""
+  from cbd_jax import importance, interpolate
+
+  scores = importance.block_influence(*large, ids_NxT)
+  alpha, _ = interpolate.sweep_alpha(small, large, target_config, ids_NxT)
+  settings = {"no unit alignment": dict(align_units=False),
+              "block-influence layers": dict(large_layer_scores=scores),
+              f"alpha sweep (alpha = {alpha:.1f})": dict(alpha=alpha)}
+  return {name: evaluate(interpolate.interpolate(small, large, target_config, **kw))
+          for name, kw in settings.items()}
+
+
 def chain_teacher_flops(doc: dict) -> int:
   """2 * N_teacher * tokens summed over the chain's links (each link's teacher: its predecessor)."""
   total, teacher = 0, doc["source"]["num_params"]
@@ -136,6 +151,7 @@ def chain_teacher_flops(doc: dict) -> int:
 def run(args) -> dict:
   import jax
   import jax.numpy as jnp
+  import numpy as np
 
   from cbd_jax import data, heldout, hf_io
   from cbd_jax.chain import global_batch
@@ -191,6 +207,10 @@ def run(args) -> dict:
       raise FloatingPointError(f"held-out loss is {loss}")
     return loss
 
+  variants = zero_step_variants(small, large, target_config.replace(dtype="float32"),
+                                np.asarray(train.sequences[:32], np.int32), evaluate)
+  for name, loss in variants.items():
+    print(f"  (a) {'CBD interpolation, ' + name:<50} tokens {0:>10,}  held-out loss {loss:.4f}")
   curves, seconds = {}, {}
   for method in "bcdef":
     start = time.time()
@@ -213,8 +233,10 @@ def run(args) -> dict:
       raise FloatingPointError(f"method {method}: training loss is {float(m['loss'])}")
     curves[method], seconds[method] = curve, time.time() - start
   curves["a"] = curves["b"][:1]
-  return _summary(preset, doc, source, small, large, target_config, paths, curves, seconds,
-                  steps * per_step, chain_seconds, args)
+  result = _summary(preset, doc, source, small, large, target_config, paths, curves, seconds,
+                    steps * per_step, chain_seconds, args)
+  result["a_variants_loss_at_0"] = variants
+  return result
 
 
 def _summary(preset, doc, source, small, large, target_config, paths, curves, seconds, budget,
@@ -266,6 +288,8 @@ def print_table(result: dict) -> None:
     print(f"({r['method']}) {r['description']:<34} {r['tokens']:>10,} {r['heldout_loss']:>8.4f} "
           f"{r['heldout_ppl']:>10.2f} {r['teacher_flops_target']:>22.3e} "
           f"{r['teacher_flops_anchors']:>16.3e}")
+  for name, loss in result.get("a_variants_loss_at_0", {}).items():
+    print(f"(a) {'  ' + name:<34} {0:>10,} {loss:>8.4f} {math.exp(min(loss, 50)):>10.2f}")
   for name, ok in result["claims"].items():
     print(f"  {name}: {'yes' if ok else 'NO'}")
 
