@@ -15,6 +15,7 @@ by every target made from the chain) apart from those spent on this target.
 
   python benchmarks/bench_cbd_claim.py                          # reuses runs/smollm2_chain
   python benchmarks/bench_cbd_claim.py --build                  # builds that chain first
+  python benchmarks/bench_cbd_claim.py --preset cpu4 --build --out /tmp/claim4   # 4x budgets
   python benchmarks/bench_cbd_claim.py --preset gpu --build --out /tmp/claim   # one GPU, ~5 min
 
 Writes <out>/cbd_claim.json and <out>/cbd_claim.png (default out: benchmarks/results).
@@ -59,6 +60,8 @@ class Preset:
 PRESETS = {
     # Two CPU cores: about 15 minutes on an idle machine (the default chain built beforehand).
     "cpu": Preset(),
+    # Two CPU cores, four times the default chain's budgets and S: about 50 minutes idle.
+    "cpu4": Preset(tokens=32_768, evals=4, chain_tokens=(98_304, 131_072)),
     # One H100/H200: the chain and the comparison together in about 5 minutes.
     "gpu": Preset(tokens=1_048_576, evals=4, batch_size=32, seq_len=256, lr=1e-3,
                   eval_tokens=65_536, dtype="bfloat16", chain_tokens=(4_194_304, 4_194_304),
@@ -320,7 +323,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   p.add_argument("--chain", default=None, help="chain folder (default: runs/smollm2_chain, or "
-                 "runs/smollm2_chain_gpu with --preset gpu)")
+                 "runs/smollm2_chain_PRESET with another --preset)")
   p.add_argument("--build", action="store_true", help="build (or finish) the chain first")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   p.add_argument("--size", default=None, help="target size between the two anchors")
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.chain is None:
-    args.chain = "runs/smollm2_chain_gpu" if args.preset == "gpu" else "runs/smollm2_chain"
+    args.chain = "runs/smollm2_chain" + ("" if args.preset == "cpu" else f"_{args.preset}")
   result = run(args)
   print_table(result)
   (out / "cbd_claim.json").write_text(json.dumps(result, indent=2) + "\n")
