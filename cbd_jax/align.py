@@ -150,7 +150,7 @@ def _layer_slices(config: ModelConfig, flat: dict, layer: int, channels: int) ->
   """Per-unit weight slices of one layer on the first ``channels`` residual channels:
   {"F": [...], "K": [...], "H": [...]}, each a list of [units, ...] arrays."""
   c, d = config, channels
-  take = lambda path: np.asarray(flat[path][layer], np.float32)
+  take = lambda path: np.array(flat[path][layer], np.float32)  # A copy: flat changes later.
   q, k, v = take("layers/attn/q/weight"), take("layers/attn/k/weight"), take("layers/attn/v/weight")
   o = take("layers/attn/o/weight")[:d]  # [D, H, hd]
   up, down = take("layers/mlp/up/weight")[:, :d], take("layers/mlp/down/weight")[:d].T
