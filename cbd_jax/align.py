@@ -60,10 +60,7 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
   if n_small > n_large:
     raise resize.ResizeError("the small anchor has more layers than the large one; pass the "
                              "anchors in (small, large) order")
-  channels = min(small_cfg.hidden_size, large_cfg.hidden_size)
-  sig_s = layer_signatures(small_cfg, small_params, channels)
-  sig_l = layer_signatures(large_cfg, large_params, channels)
-  m = match_layers(sig_s @ sig_l.T / sig_s.shape[1])
+  m = depth_counterparts(small_cfg, small_params, large_cfg, large_params)
   if n_target <= n_small:  # Evenly spaced small layers and their counterparts.
     keep = resize.depth_map(n_small, n_target, depth).src[:, 0]
     return resize._one_hot_map(keep), resize._one_hot_map(m[keep])

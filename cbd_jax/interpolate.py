@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from cbd_jax import align, model, resize
+from cbd_jax import align, heldout, resize
 from cbd_jax.config import ModelConfig, num_params
 
 Anchor = tuple[ModelConfig, dict]
@@ -99,13 +98,8 @@ def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
 
 
 def _nll_sum(config: ModelConfig, params: dict, ids_NxT):
-  """(sum of next-token NLL, token count) over the real vocabulary (padded rows masked)."""
-  logits_NxTxV = model.forward(config, params, ids_NxT[:, :-1])[..., :config.vocab_limit]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits_NxTxV, ids_NxT[:, 1:])
-  return nll.sum(), nll.size
-
-
-_nll_sum_jit = jax.jit(_nll_sum, static_argnums=0)
+  """(sum of next-token NLL over the real vocabulary, token count): `heldout.nll_sum`."""
+  return heldout.nll_sum(config, params, ids_NxT, jnp.ones(ids_NxT.shape[0])), ids_NxT[:, 1:].size
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -125,7 +119,7 @@ def heldout_loss(config: ModelConfig, params: dict, ids_NxT: np.ndarray,
                  batch_size: int = 4) -> float:
   """Mean next-token cross entropy (nats) of ``params`` on ``ids`` [N, T], in batches of rows."""
   params = jax.device_put(params)
-  return _mean_nll(lambda ids: _nll_sum_jit(config, params, ids), ids_NxT, batch_size)
+  return _mean_nll(lambda ids: _nll_sum(config, params, ids), ids_NxT, batch_size)
 
 
 def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_NxT: np.ndarray,
