@@ -123,6 +123,16 @@ def _clean_wikitext(xml: str) -> list[str]:
   return paragraphs
 
 
+def english_text_data() -> dict:
+  """A config's ``data`` block for `english_text`: Wikipedia to train on, news held out, read
+  whole from the local files (not streamed), packed in seeded order."""
+  text = english_text()
+  return dict(train=str(text["train"]), heldout=str(text["heldout"]), text_field="text",
+              streaming=False, hub_config="", hub_split="train", heldout_config="",
+              heldout_split="validation", heldout_fraction=0.01, shuffle_buffer=10_000, seed=0,
+              cache_dir="")
+
+
 def english_text() -> dict[str, Path]:
   """Real English text as ``{"train": ..., "heldout": ...}`` plain-text files, one paragraph a line.
 

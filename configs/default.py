@@ -60,7 +60,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   arg = arg or ""
   if arg not in VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/default.py; use one of {VARIANTS}")
-  text = assets.english_text()
   c = mlc.ConfigDict()
   c.workdir = "runs/smollm2_chain"
   c.source = mlc.ConfigDict(dict(path=str(assets.smollm2_gguf()), tokenizer="",
@@ -69,11 +68,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       link("smollm2-70m", ANCHOR_70M, tokens=24_576, lr=1e-3),   # 24 steps of 8 x 128
       link("smollm2-30m", ANCHOR_30M, tokens=32_768, lr=2e-3),   # 32 steps
   )
-  c.data = mlc.ConfigDict(dict(
-      train=str(text["train"]), heldout=str(text["heldout"]), text_field="text",
-      streaming=False, hub_config="", hub_split="train", heldout_config="",
-      heldout_split="validation", heldout_fraction=0.01, shuffle_buffer=10_000, seed=0,
-      cache_dir=""))
+  c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ()
   c.checkpoint = mlc.ConfigDict(dict(every=12, keep=1))

@@ -38,7 +38,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/smollm2_gpt2.py; use one of {VARIANTS}")
   bridge, smoke = arg.removesuffix("_smoke"), arg.endswith("_smoke")
-  text = assets.english_text()
   vocab, merges = assets.gpt2_tokenizer_files()
   c = mlc.ConfigDict()
   c.workdir = f"runs/smollm2_gpt2_{'vocab' if bridge == 'vocab_bridge' else 'seqkd'}"
@@ -64,11 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       dtype="float32", teacher_dtype="", remat=False,
   ))
   c.chain = (link,)
-  c.data = mlc.ConfigDict(dict(
-      train=str(text["train"]), heldout=str(text["heldout"]), text_field="text",
-      streaming=False, hub_config="", hub_split="train", heldout_config="",
-      heldout_split="validation", heldout_fraction=0.01, shuffle_buffer=10_000, seed=0,
-      cache_dir=""))
+  c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = ()
   c.checkpoint = mlc.ConfigDict(dict(every=8, keep=1))
