@@ -1,0 +1,61 @@
+"""How well the FFN neurons of two anchors line up, before and after `align.align_units`.
+
+For each small-anchor layer and its counterpart layer in the large anchor: the mean cosine
+similarity of each small neuron to its best-matching large neuron, to the large neuron at the
+same index, and to the same index after alignment (gate/up rows and down columns compared).
+
+  python benchmarks/anchor_alignment.py          # the default chain's two anchors
+  python benchmarks/anchor_alignment.py --small DIR --large DIR
+
+Writes benchmarks/results/anchor_alignment.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cbd_jax import align, hf_io, resize
+
+RESULTS = Path(__file__).resolve().parent / "results" / "anchor_alignment.json"
+
+
+def neuron_similarity(small, large, layer_s: int, layer_l: int) -> np.ndarray:
+  """[F_small, F_large] cosine similarity of the FFN neurons of two layers."""
+  (cs, ps), (cl, pl) = small, large
+  channels = min(cs.hidden_size, cl.hidden_size)
+  s = align._layer_slices(cs, resize.flatten(ps), layer_s, channels)["F"]
+  return align._features(s, align._layer_slices(cl, resize.flatten(pl), layer_l, channels)["F"])
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--small", default="runs/smollm2_chain/anchors/smollm2-30m")
+  p.add_argument("--large", default="runs/smollm2_chain/anchors/smollm2-70m")
+  p.add_argument("--out", default=str(RESULTS))
+  args = p.parse_args(argv)
+  small, large = hf_io.load_hf_numpy(args.small), hf_io.load_hf_numpy(args.large)
+  aligned = (large[0], align.align_units(*small, *large))
+  counterparts = align.depth_counterparts(*small, *large)
+  rows = []
+  print(f"{'small layer':>11} {'large layer':>11} {'best match':>10} {'same index':>10} "
+        f"{'aligned':>8}")
+  for j, b in enumerate(counterparts):
+    before, after = neuron_similarity(small, large, j, b), neuron_similarity(small, aligned, j, b)
+    row = {"small_layer": j, "large_layer": int(b), "best_match": float(before.max(1).mean()),
+           "same_index": float(np.diag(before).mean()),
+           "same_index_aligned": float(np.diag(after).mean())}
+    rows.append(row)
+    print(f"{j:>11} {b:>11} {row['best_match']:>10.4f} {row['same_index']:>10.4f} "
+          f"{row['same_index_aligned']:>8.4f}")
+  result = {"small": args.small, "large": args.large, "layers": rows}
+  Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
