@@ -16,16 +16,17 @@ def unit_scores(config: ModelConfig, params: dict, layer: int | None = None
 
   Each leaf is normalised by its own mean square, so no single tensor dominates. Layers are scored
   only by what they write to the residual stream (o and down); a kv group adds its heads' scores.
-  ``layer``: score the units of that one layer (leaves without a layer axis count as they are).
+  ``layer``: score the units of that one layer, from its own leaves only.
   """
   flat = check_params(config, params, "params")
   sizes = {"D": config.hidden_size, "F": config.intermediate_size, "H": config.num_heads,
            "K": config.num_kv_heads, "L": config.num_layers}
   scores = {k: np.zeros(n) for k, n in sizes.items()}
   for path, spec in leaf_specs(config).items():
-    sq = np.square(np.asarray(flat[path], np.float32))
-    if layer is not None and spec[0][0] == "L":
-      sq, spec = sq[layer], spec[1:]
+    if layer is not None and spec[0][0] != "L":
+      continue  # Embeddings and final norm: not part of one layer.
+    sq = np.square(np.asarray(flat[path] if layer is None else flat[path][layer], np.float32))
+    spec = spec if layer is None else spec[1:]
     total = float(sq.mean()) or 1.0
     for axis, (kind, role) in enumerate(spec):
       if kind not in scores or (kind == "L" and role != SPLIT):
