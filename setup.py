@@ -28,6 +28,10 @@ setup(
     ],
     extras_require={
         # The numerical oracle (PyTorch transformers) and the tools for tests and benchmarks.
-        "dev": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "matplotlib", "ruff"],
+        # libtpu (via jax[tpu], pinned by jax to its own version) lets any Linux machine compile
+        # the train step for a TPU topology (launch/aot_compile.py); tests use it too.
+        "dev": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "matplotlib", "ruff",
+                "jax[tpu]; sys_platform == 'linux'"],
+        "tpu": ["jax[tpu]"],
     },
 )
