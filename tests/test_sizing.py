@@ -103,3 +103,37 @@ def test_describe_prints_shape_and_count():
   line = sizing.describe(sizing.resolve_size("138m", GPT2_SMALL, GPT2_MEDIUM))
   assert line == ("14 layers x 768 (12 heads, 12 kv heads of 64, ffn 3072), 138.6M params "
                   "(138,615,552)")
+
+
+def _gpt2(layers: int, width: int) -> ModelConfig:
+  """A GPT-2 config from its published shape: vocab 50257, 1024 positions, tied, head_dim 64."""
+  return GPT2_SMALL.replace(num_layers=layers, hidden_size=width, num_heads=width // 64,
+                            num_kv_heads=width // 64, intermediate_size=4 * width)
+
+
+GPT2_CHAIN = {"gpt2": _gpt2(12, 768), "gpt2-medium": _gpt2(24, 1024),
+              "gpt2-large": _gpt2(36, 1280), "gpt2-xl": _gpt2(48, 1600)}
+
+
+def test_published_gpt2_counts():
+  counts = {name: num_params(c) for name, c in GPT2_CHAIN.items()}
+  assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+                    "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("size,pair,shape", [
+    ("138m", ("gpt2", "gpt2-medium"), (14, 768)), ("220m", ("gpt2", "gpt2-medium"), (18, 896)),
+    ("380m", ("gpt2-medium", "gpt2-large"), (26, 1024)),
+    ("537m", ("gpt2-medium", "gpt2-large"), (30, 1152))])
+def test_paper_targets_resolve_between_adjacent_gpt2_anchors(size, pair, shape):
+  counts = sorted(num_params(c) for c in GPT2_CHAIN.values())
+  want = sizing.parse_size(size)
+  small, large = (GPT2_CHAIN[name] for name in pair)
+  # The pair is the adjacent one that brackets the size, as init_model picks it.
+  assert [num_params(small), num_params(large)] in [counts[i:i + 2] for i in range(3)]
+  assert num_params(small) < want < num_params(large)
+  target = sizing.resolve_size(size, small, large)
+  assert (target.num_layers, target.hidden_size) == shape
+  assert target.head_dim == 64 and target.num_heads == target.num_kv_heads == shape[1] // 64
+  assert target.intermediate_size == 4 * shape[1]
+  assert abs(_allocated_count(target) - want) <= 0.03 * want
