@@ -17,21 +17,16 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import losses, model, vocab_bridge
+from cbd_jax import losses, model, step_core, vocab_bridge
 from cbd_jax.config import ModelConfig
 from cbd_jax.fused_loss import fused_cross_entropy
 from cbd_jax.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
-from cbd_jax.train_step import LossSettings, TrainState, abstract_params, state_shardings
+from cbd_jax.train_step import LossSettings, abstract_params, state_shardings
 
 BATCH_KEYS = ("ids", "labels", "mask", "teacher_ids", "teacher_pos", "student_pos", "pair_mask")
-
-
-def _cast(config: ModelConfig, params):
-  return jax.tree.map(lambda a: a.astype(jnp.dtype(config.dtype)), params)
 
 
 def bridged_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,
@@ -43,7 +38,7 @@ def bridged_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,
   t_logits = model.logits_from_hidden(teacher, t_params, t_hidden_BxAxD)
   t_logp_BxAxV = jax.lax.stop_gradient(
       vocab_bridge.project_logprobs(t_logits, token_map, teacher.vocab_limit))
-  s_params = _cast(student, params)
+  s_params = step_core.compute_params(student, params)
   s_hidden, _ = model.apply_hidden(student, s_params, mb["ids"])
   s_logits = model.logits_from_hidden(
       student, s_params, vocab_bridge.gather_positions(s_hidden, mb["student_pos"]))
@@ -72,41 +67,24 @@ def make_bridge_step(student: ModelConfig, teacher: ModelConfig, optimizer, loss
   if token_map.student_vocab_size > student.vocab_size:
     raise ValueError(f"token map has {token_map.student_vocab_size} student tokens, the student "
                      f"head {student.vocab_size} rows; build the map with the student's tokenizer")
-  state_sh = state_shardings(student, optimizer, mesh, rules)
-  teacher_sh = tree_shardings(abstract_params(teacher), mesh, rules)
-  batch_sh = {k: batch_sharding(mesh, ndim=3, leading=1) for k in BATCH_KEYS}
 
-  def step(state: TrainState, teacher_params, batch):
-    n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
-    n_labels = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+  def totals(batch):
+    return (jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0),
+            jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0))
 
-    def objective(params, mb):
-      kd, ce, pairs, count = bridged_sums(student, teacher, loss, token_map, params,
-                                          teacher_params, mb)
-      value = loss.kd_weight * kd / n_pairs + loss.ce_weight * ce / n_labels
-      return value, jax.lax.stop_gradient(jnp.stack([kd, ce, pairs, count]))
+  def mean_loss(sums, tot):
+    return loss.kd_weight * sums["kd_sum"] / tot[0] + loss.ce_weight * sums["ce_sum"] / tot[1]
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
+  def objective(params, teacher_params, mb, tot):
+    kd, ce, pairs, count = bridged_sums(student, teacher, loss, token_map, params,
+                                        teacher_params, mb)
+    sums = jax.lax.stop_gradient({"kd_sum": kd, "ce_sum": ce, "pairs": pairs, "count": count})
+    return loss.kd_weight * kd / tot[0] + loss.ce_weight * ce / tot[1], sums
 
-    def micro(carry, mb):
-      grads, sums = carry
-      (_, aux), g = grad_fn(state.params, mb)
-      g = jax.lax.with_sharding_constraint(g, state_sh.params)
-      return (jax.tree.map(jnp.add, grads, g), sums + aux), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros((4,), jnp.float32)), batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    kd, ce, pairs, count = sums[0], sums[1], sums[2], sums[3]
-    metrics = {"kd_sum": kd, "ce_sum": ce, "pairs": pairs, "count": count,
-               "loss": loss.kd_weight * kd / n_pairs + loss.ce_weight * ce / n_labels,
-               "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step) if schedule is not None else jnp.zeros(())}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-  return jax.jit(step, in_shardings=(state_sh, teacher_sh, batch_sh),
-                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return step_core.make_step(
+      objective, totals, mean_loss, optimizer, state_shardings(student, optimizer, mesh, rules),
+      tree_shardings(abstract_params(teacher), mesh, rules),
+      {k: batch_sharding(mesh, ndim=3, leading=1) for k in BATCH_KEYS}, mesh, schedule)
 
 
 def make_bridge_eval_step(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,

@@ -14,20 +14,19 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import model
+from cbd_jax import model, step_core
 from cbd_jax.config import ModelConfig
 from cbd_jax.fused_loss import fused_cross_entropy
 from cbd_jax.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
-from cbd_jax.train_step import TrainState, abstract_params, state_shardings
+from cbd_jax.train_step import abstract_params, state_shardings
 
 
 def _ce_sums(config: ModelConfig, params, ids_BxT, labels_BxT, mask_BxT, chunk_size: int):
   """(sum_t w_t CE_t, sum_t w_t) with w_t = mask_t [y_t >= 0], from the fused head-and-loss."""
-  s_params = jax.tree.map(lambda a: a.astype(jnp.dtype(config.dtype)), params)
+  s_params = step_core.compute_params(config, params)
   hidden, _ = model.apply_hidden(config, s_params, ids_BxT)
   return fused_cross_entropy(hidden, model.head_weight(config, s_params), labels_BxT,
                              mask_BxT.astype(jnp.float32), config.vocab_limit, chunk_size)
@@ -39,37 +38,19 @@ def make_lm_step(config: ModelConfig, optimizer, mesh: Mesh, rules: Sequence = D
 
   Metrics: ``ce_sum`` and ``count`` (token sums), ``loss`` (mean CE), ``grad_norm``, ``lr``.
   """
-  state_sh = state_shardings(config, optimizer, mesh, rules)
-  batch_sh = batch_sharding(mesh, ndim=3, leading=1)
+  def totals(batch):
+    return jnp.maximum(jnp.sum(((batch["mask"] > 0) & (batch["labels"] >= 0)).astype(
+        jnp.float32)), 1.0)
 
-  def step(state: TrainState, batch):
-    labels = jnp.where(batch["mask"] > 0, batch["labels"], -1)
-    total = jnp.maximum(jnp.sum((labels >= 0).astype(jnp.float32)), 1.0)
+  def objective(params, _, mb, total):
+    ce_sum, count = _ce_sums(config, params, mb["ids"], mb["labels"], mb["mask"], chunk_size)
+    return ce_sum / total, jax.lax.stop_gradient({"ce_sum": ce_sum, "count": count})
 
-    def objective(params, mb):
-      ce_sum, count = _ce_sums(config, params, mb["ids"], mb["labels"], mb["mask"], chunk_size)
-      return ce_sum / total, (ce_sum, count)
-
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-
-    def micro(carry, mb):
-      grads, sums = carry
-      (_, aux), g = grad_fn(state.params, mb)
-      g = jax.lax.with_sharding_constraint(g, state_sh.params)
-      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, aux)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)))
-    (grads, (ce_sum, count)), _ = jax.lax.scan(micro, init, dict(batch, labels=labels))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {"ce_sum": ce_sum, "count": count, "loss": ce_sum / total,
-               "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step) if schedule is not None else jnp.zeros(())}
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-  return jax.jit(step, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+  step = step_core.make_step(
+      objective, totals, lambda sums, total: sums["ce_sum"] / total, optimizer,
+      state_shardings(config, optimizer, mesh, rules), {},
+      batch_sharding(mesh, ndim=3, leading=1), mesh, schedule)
+  return lambda state, batch: step(state, {}, batch)
 
 
 def make_lm_eval_step(config: ModelConfig, mesh: Mesh, rules: Sequence = DEFAULT_RULES,

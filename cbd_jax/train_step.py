@@ -22,23 +22,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import model
+from cbd_jax import model, step_core
 from cbd_jax.config import ModelConfig
 from cbd_jax.fused_loss import fused_cross_entropy, fused_distill_loss, fused_kd_loss
 from cbd_jax.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
+from cbd_jax.step_core import TrainState, compute_params
 
 Params = dict[str, Any]
 Batch = dict[str, jax.Array]  # ids, labels, mask: [M, B, T] (M microbatches)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-  """What a student's training carries from step to step (and what a checkpoint holds)."""
-
-  step: jax.Array
-  params: Params
-  opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +112,6 @@ def make_init_state(config: ModelConfig, optimizer, mesh: Mesh, rules: Sequence 
   return init
 
 
-def _compute_params(config: ModelConfig, params: Params) -> Params:
-  dt = jnp.dtype(config.dtype)
-  return jax.tree.map(lambda a: a.astype(dt), params)
-
-
 def _common_vocab(s_head_VxD, t_head_VxD):
   """Both output heads cut to the rows they share (padding rows differ between checkpoints)."""
   rows = min(s_head_VxD.shape[0], t_head_VxD.shape[0])
@@ -140,8 +126,8 @@ def _check_link(student: ModelConfig, teacher: ModelConfig):
 
 def _microbatch_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,
                      params: Params, teacher_params: Params, mb: Batch, total_count):
-  """(objective / total_count, (kd_sum, ce_sum, count)) for one microbatch."""
-  s_params = _compute_params(student, params)
+  """(objective / total_count, {kd_sum, ce_sum, count}) for one microbatch."""
+  s_params = compute_params(student, params)
   t_hidden, _ = model.apply_hidden(teacher, teacher_params, mb["ids"])
   t_hidden = jax.lax.stop_gradient(t_hidden)
   t_head = jax.lax.stop_gradient(model.head_weight(teacher, teacher_params))
@@ -154,9 +140,8 @@ def _microbatch_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSetti
       s_hidden, s_head, t_hidden, t_head, labels, kind=loss.kind, temperature=loss.temperature,
       mask=mask, vocab_limit=student.vocab_limit, kd_weight=loss.kd_weight,
       ce_weight=loss.ce_weight, chunk_size=loss.chunk_size)
-  kd_sum, ce_sum = sums["kd_sum"], sums["ce_sum"]
-  objective = objective / total_count
-  return objective, (kd_sum, ce_sum, jnp.sum(mask))
+  return objective / total_count, {"kd_sum": sums["kd_sum"], "ce_sum": sums["ce_sum"],
+                                   "count": jnp.sum(mask)}
 
 
 def make_train_step(student: ModelConfig, teacher: ModelConfig, optimizer, loss: LossSettings,
@@ -170,38 +155,20 @@ def make_train_step(student: ModelConfig, teacher: ModelConfig, optimizer, loss:
   objective), ``grad_norm`` and ``lr``.
   """
   _check_link(student, teacher)
-  state_sh = state_shardings(student, optimizer, mesh, rules)
-  teacher_sh = tree_shardings(abstract_params(teacher), mesh, rules)
-  batch_sh = batch_sharding(mesh, ndim=3, leading=1)
 
-  def step(state: TrainState, teacher_params: Params, batch: Batch):
-    total_count = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
-    grad_fn = jax.value_and_grad(_microbatch_sums, argnums=3, has_aux=True)
+  def objective(params, teacher_params, mb, total):
+    return _microbatch_sums(student, teacher, loss, params, teacher_params, mb, total)
 
-    def micro(carry, mb):
-      grads, sums = carry
-      (_, aux), g = grad_fn(student, teacher, loss, state.params, teacher_params, mb,
-                            total_count)
-      g = jax.lax.with_sharding_constraint(g, state_sh.params)
-      grads = jax.tree.map(jnp.add, grads, g)
-      return (grads, jax.tree.map(jnp.add, sums, aux)), None
+  def totals(batch):
+    return jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = (jnp.zeros((), jnp.float32),) * 3
-    (grads, (kd_sum, ce_sum, count)), _ = jax.lax.scan(micro, (zeros, zero_sums), batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "kd_sum": kd_sum, "ce_sum": ce_sum, "count": count,
-        "loss": (loss.kd_weight * kd_sum + loss.ce_weight * ce_sum) / total_count,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step) if schedule is not None else jnp.zeros(()),
-    }
-    return TrainState(state.step + 1, params, opt_state), metrics
+  def mean_loss(sums, total):
+    return (loss.kd_weight * sums["kd_sum"] + loss.ce_weight * sums["ce_sum"]) / total
 
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_sh, teacher_sh, batch_sh),
-                 out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  return step_core.make_step(
+      objective, totals, mean_loss, optimizer, state_shardings(student, optimizer, mesh, rules),
+      tree_shardings(abstract_params(teacher), mesh, rules),
+      batch_sharding(mesh, ndim=3, leading=1), mesh, schedule)
 
 
 def make_eval_step(student: ModelConfig, teacher: ModelConfig, loss: LossSettings, mesh: Mesh,
@@ -217,7 +184,7 @@ def make_eval_step(student: ModelConfig, teacher: ModelConfig, loss: LossSetting
   batch_sh = batch_sharding(mesh, ndim=2)
 
   def evaluate(params, teacher_params, batch):
-    s_params = _compute_params(student, params)
+    s_params = compute_params(student, params)
     mask = batch["mask"].astype(jnp.float32)
     s_hidden, _ = model.apply_hidden(student, s_params, batch["ids"])
     t_hidden, _ = model.apply_hidden(teacher, teacher_params, batch["ids"])
