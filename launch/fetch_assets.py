@@ -4,10 +4,21 @@ Usage: python launch/fetch_assets.py     (cache folder: $CBD_CACHE, default ~/.c
 """
 
 import logging
+import sys
 
-from cbd_jax import assets
+from cbd_jax import assets, cli
 
-if __name__ == "__main__":
+
+def main(argv: list[str]) -> int:
+  """Fetches every artefact and prints where each one lies."""
+  if argv:
+    raise cli.UsageError(f"unexpected arguments {argv}; this command takes none (the cache "
+                         "folder is $CBD_CACHE)")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   for name, path in assets.fetch_all().items():
     print(f"{name:14s} {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main, sys.argv[1:])

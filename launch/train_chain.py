@@ -93,7 +93,17 @@ def main(argv):
   logging.info("manifest: %s", Path(str(config.workdir)).expanduser() / "chain.json")
 
 
+def _launch(args: list[str]) -> None:
+  """Checks the config file and overrides (one-line errors), then runs `main` under absl."""
+  from cbd_jax import cli
+
+  argv = _with_default_config([sys.argv[0], *args])
+  cli.check_config_args(argv[1:])
+  app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
-  sys.argv = _with_default_config(sys.argv)
-  app.run(main)
+  from cbd_jax import cli
+
+  cli.run(_launch)
