@@ -6,6 +6,16 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
+DTYPES = ("float32", "bfloat16", "float16")  # Compute and storage dtypes of weights.
+
+
+def check_dtype(name: Any, what: str = "dtype") -> str:
+  """The canonical name of a supported float dtype; anything else is a one-line ValueError."""
+  text = getattr(name, "name", None) or getattr(name, "__name__", None) or str(name)
+  if text not in DTYPES:
+    raise ValueError(f"{what}={name!r} is not a valid dtype; use one of the valid dtypes: "
+                     f"{', '.join(DTYPES)}")
+  return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +47,7 @@ class ModelConfig:
   remat: bool = False
 
   def __post_init__(self):
+    check_dtype(self.dtype, "ModelConfig.dtype")
     if self.family not in FAMILIES:
       raise ValueError(f"unsupported model family {self.family!r}; supported: {FAMILIES}")
     if self.num_heads % self.num_kv_heads:

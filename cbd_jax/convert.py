@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from cbd_jax import model
@@ -20,6 +21,9 @@ from cbd_jax.config import ModelConfig
 Arrays = list[np.ndarray]
 # Buffers some GPT-2 files carry (causal-mask constants), not parameters.
 _IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
+
+
+_FLOATS = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 
 
 class ConversionError(ValueError):
@@ -141,6 +145,15 @@ def _set_path(tree: dict, path: str, value) -> None:
   tree[leaf] = value
 
 
+def _check_float(arr: np.ndarray, name: str, where: str) -> None:
+  """Refuses a weight that is not floating point (an int tensor would load as garbage)."""
+  if np.dtype(arr.dtype) not in _FLOATS:
+    raise ConversionError(f"{where}: tensor {name!r} has dtype {np.dtype(arr.dtype)}; model "
+                          "weights must be floating point (float32, bfloat16, float16, float64): "
+                          "this is not a model's weights, or it was saved wrongly; export it "
+                          "again with float weights")
+
+
 def from_hf_tensors(config: ModelConfig, source: Mapping[str, np.ndarray], where: str = "",
                     dtype=None) -> dict:
   """HF-named tensors -> our nested numpy param dict (stacked layers), validated both ways."""
@@ -159,11 +172,13 @@ def from_hf_tensors(config: ModelConfig, source: Mapping[str, np.ndarray], where
           raise ConversionError(f"{where}: tensor {name!r} is missing (expected shape {hf_shape} "
                                 f"for this {config.family} config); the checkpoint does not match "
                                 "its config.json")
-        if tuple(source[key].shape) != hf_shape:
-          raise ConversionError(f"{where}: tensor {key!r} has shape {tuple(source[key].shape)}, "
+        arr = source[key]
+        if tuple(arr.shape) != hf_shape:
+          raise ConversionError(f"{where}: tensor {key!r} has shape {tuple(arr.shape)}, "
                                 f"config.json implies {hf_shape}")
+        _check_float(arr, key, where)
         used.add(key)
-        arrays.append(source[key])
+        arrays.append(arr)
       for path, arr in zip(rule.ours, rule.to_ours(arrays)):
         if path not in buffers:
           buffers[path] = np.empty(shapes[path], dtype or arr.dtype)

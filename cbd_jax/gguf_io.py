@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbd_jax.safetensors_io import CheckpointError
+from cbd_jax.safetensors_io import DAMAGED, CheckpointError
 
 _NAMES = {  # GGUF name (per block "{i}") -> HF name.
     "token_embd.weight": "model.embed_tokens.weight",
@@ -92,7 +92,7 @@ def read_gguf(path: str | Path) -> tuple[dict, GGUFTensors]:
   try:
     reader = gguf.GGUFReader(str(path))
   except Exception as e:  # The gguf package raises assorted errors on damaged files.
-    raise CheckpointError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+    raise CheckpointError(f"{path}: not a readable GGUF file ({e}); {DAMAGED}") from None
   arch = _field(reader, "general.architecture")
   if arch != "llama":
     raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")

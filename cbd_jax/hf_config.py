@@ -76,6 +76,9 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
 
 def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   """Builds a ModelConfig from a parsed config.json; raises ConfigError on anything unhandled."""
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{where}: holds a JSON {type(hf).__name__}, not an object of model fields "
+                      "(model_type, hidden_size, ...); restore the model's own config.json")
   family = hf.get("model_type")
   if family not in _FIELDS:
     raise ConfigError(f"{where}: model_type {family!r} is not supported; supported: "

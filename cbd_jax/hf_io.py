@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,15 @@ import ml_dtypes
 import numpy as np
 
 from cbd_jax import convert, hf_config
-from cbd_jax.config import ModelConfig
+from cbd_jax.config import DTYPES, ModelConfig, check_dtype
 from cbd_jax.gguf_io import read_gguf
-from cbd_jax.safetensors_io import CheckpointError, read_safetensors, save_sharded
+from cbd_jax.safetensors_io import DAMAGED, CheckpointError, read_safetensors, save_sharded
 
 log = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
                 np.dtype(np.float16): "float16"}
+_PARTIAL = re.compile(r"^\..+\.partial-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
@@ -68,7 +71,7 @@ def _read_bin(path: Path) -> dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({e}); re-download it") from None
+    raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({e}); {DAMAGED}") from None
   out = {}
   for name, t in state.items():
     if t.dtype == torch.bfloat16:
@@ -89,7 +92,7 @@ def _read_weights(folder: Path) -> Mapping[str, np.ndarray]:
       for shard in sorted(set(weight_map.values())):
         if not (folder / shard).exists():
           raise CheckpointError(f"{folder / shard}: shard listed in {index_name} is missing; "
-                                "re-download the checkpoint")
+                                f"{DAMAGED}")
         tensors.update(reader(folder / shard))
       return tensors
   if (folder / "model.safetensors").exists():
@@ -113,8 +116,9 @@ def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfi
       raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face model folder")
     try:
       raw_config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-      raise hf_config.ConfigError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise hf_config.ConfigError(f"{path / 'config.json'}: not valid JSON ({e}); restore the "
+                                  "model's own config.json") from None
     config = hf_config.from_hf_config(raw_config, str(path / "config.json"))
     if config.real_vocab_size is None:
       size = _tokenizer_size(path)
@@ -123,7 +127,7 @@ def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfi
     tensors = _read_weights(path)
     where = str(path)
   if dtype is not None:
-    dtype = np.dtype(dtype)
+    dtype = _np_dtype(dtype)
   params = convert.from_hf_tensors(config, tensors, where, dtype)
   return config, params
 
@@ -155,20 +159,26 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, token
             dtype=None, max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
   """Writes a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-  The folder appears whole or not at all (written beside it, then renamed); an existing non-empty
-  folder is kept unless ``overwrite``. ``dtype`` casts (default: the params' own dtype, which makes
-  save -> load bit-exact). ``tokenizer``: a transformers or `tokenizers` tokenizer, or a path.
+  The folder appears whole or not at all (written beside it, then renamed; folders and files get
+  the umask's modes); an existing non-empty folder is kept unless ``overwrite``. Non-finite or
+  non-float weights are refused before anything is written. ``dtype`` casts (default: the params'
+  own dtype, which makes save -> load bit-exact). ``tokenizer``: a transformers or `tokenizers`
+  tokenizer, or a path. Hidden folders of exports killed earlier beside it are removed.
   """
   out_dir = Path(out_dir)
-  if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose another path or "
-                          "pass overwrite=True")
+  _check_destination(out_dir, overwrite)
   tensors = convert.to_hf_tensors(config, params)
   if dtype is not None:
+    dtype = _np_dtype(dtype)
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+  _check_weights(tensors, out_dir)
   first = next(iter(tensors.values()))
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_exports(out_dir.parent)
+    tmp = _new_partial(out_dir)
+  except OSError as e:
+    raise _os_error(e, out_dir) from None
   try:
     save_sharded(tmp, tensors, max_shard_bytes)
     raw = hf_config.to_hf_config(config, _DTYPE_NAMES.get(first.dtype, "float32"))
@@ -178,10 +188,84 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, token
     if out_dir.exists():
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise _os_error(e, out_dir) from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+  """Refuses a destination that is a file, or a non-empty folder without ``overwrite``."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"{out_dir}: is a file, not a folder; pass a folder path for the model "
+                          "(it is created)")
+  if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose another path or "
+                          "pass overwrite=True")
+  for parent in out_dir.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise FileExistsError(f"{out_dir}: {parent} is a file, not a folder; choose another path")
+      break
+
+
+def _np_dtype(dtype) -> np.dtype:
+  """The numpy dtype of a supported name or dtype (float32, bfloat16, float16)."""
+  name = check_dtype(dtype)
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _check_weights(tensors: Mapping[str, np.ndarray], out_dir: Path) -> None:
+  """Refuses non-float or non-finite tensors, naming the first bad one (nothing is written)."""
+  for name, arr in tensors.items():
+    if arr.dtype not in _DTYPE_NAMES:
+      raise ValueError(f"{out_dir}: not written: tensor {name!r} has dtype {arr.dtype}; weights "
+                       f"must be float ({', '.join(DTYPES)}): cast the params or pass dtype=")
+    finite = np.isfinite(arr)
+    if not finite.all():
+      bad = arr.size - int(finite.sum())
+      raise ValueError(f"{out_dir}: not written: tensor {name!r} holds {bad:,} NaN or inf "
+                       f"values of {arr.size:,}; the weights diverged (or overflow the export "
+                       "dtype): rebuild them from the last finite checkpoint, e.g. with a lower "
+                       "learning rate")
+
+
+def _new_partial(out_dir: Path) -> Path:
+  """A new hidden folder beside ``out_dir``, named after this host and process (umask modes)."""
+  name = f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+  tmp = out_dir.parent / name
+  tmp.mkdir()
+  return tmp
+
+
+def _alive(pid: int) -> bool:
+  """Whether a process of this id exists on this host."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _remove_dead_exports(parent: Path) -> None:
+  """Removes hidden partial folders in ``parent`` whose writer (this host) no longer runs."""
+  host = socket.gethostname()
+  for entry in parent.iterdir():
+    m = _PARTIAL.match(entry.name)
+    if m and m["host"] == host and not _alive(int(m["pid"])) and entry.is_dir():
+      log.warning("removing %s, left by an export that was killed", entry)
+      shutil.rmtree(entry, ignore_errors=True)
+
+
+def _os_error(e: OSError, out_dir: Path) -> OSError:
+  """The same OS error, naming the destination and saying that nothing was written."""
+  strerror = e.strerror or str(e)
+  return type(e)(e.errno, f"{strerror} (nothing was written)", str(out_dir))
 
 
 def _save_tokenizer(tokenizer, folder: Path) -> None:

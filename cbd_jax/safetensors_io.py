@@ -22,33 +22,65 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+# What to do about a damaged file: where it came from decides how to get a good copy back.
+DAMAGED = ("the file is damaged (cut short by a full disk, a killed copy or download?): fetch it "
+           "again, or if cbd-jax exported it, delete the folder and rerun the command that wrote "
+           "it")
+
+
 class CheckpointError(ValueError):
   """A checkpoint file that is missing, truncated or inconsistent."""
+
+
+def _read_header(path: Path, size: int) -> tuple[int, dict]:
+  """(header length, {tensor name: info}) of a safetensors file; one-line errors if damaged."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, not even the "
+                            f"8-byte header length); {DAMAGED}")
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+      raise CheckpointError(f"{path}: truncated safetensors header (needs {8 + n} bytes, file has "
+                            f"{size}); {DAMAGED}")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {DAMAGED}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                          f"not an object of tensors); {DAMAGED}")
+  header.pop("__metadata__", None)
+  for name, info in header.items():
+    if not _valid_entry(info):
+      raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has no valid "
+                            f"dtype, shape and data_offsets ({info!r:.80}); {DAMAGED}")
+  return n, header
+
+
+def _valid_entry(info) -> bool:
+  """Whether a header entry is {"dtype": str, "shape": [int...], "data_offsets": [b, e]}."""
+  if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+    return False
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  return (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+          and isinstance(offsets, list) and len(offsets) == 2
+          and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1])
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Maps a .safetensors file: returns {name: read-only numpy view}, validated against its size."""
   path = Path(path)
   size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
-    (n,) = struct.unpack("<Q", head)
-    if 8 + n > size:
-      raise CheckpointError(f"{path}: truncated safetensors header (needs {8 + n} bytes, file has "
-                            f"{size}); re-download it")
-    try:
-      header = json.loads(f.read(n))
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path}: corrupt safetensors header ({e}); re-download it") from None
-  header.pop("__metadata__", None)
+  n, header = _read_header(path, size)
   data_size = size - 8 - n
+  needed = max((info["data_offsets"][1] for info in header.values()), default=0)
   for name, info in header.items():
     begin, end = info["data_offsets"]
     if end > data_size:
-      raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
-                            f"section but the file holds {data_size}; re-download it")
+      raise CheckpointError(f"{path}: truncated: the file has {size} bytes, its header needs "
+                            f"{8 + n + needed}; tensor {name!r} (bytes {begin}..{end} of the "
+                            f"data section) is cut off at byte {data_size}; {DAMAGED}")
   if not header:
     return {}
   mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,))
