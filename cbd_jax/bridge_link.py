@@ -16,19 +16,16 @@ tokenizer, so the next link of the chain distils from it like any other anchor.
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 
 from cbd_jax import (
   bridge_data,
   bridge_step,
-  checkpoint,
   data,
   heldout,
   hf_io,
@@ -39,20 +36,11 @@ from cbd_jax import (
   vocab_bridge,
 )
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.sharding import make_mesh, parse_rules, tree_shardings
-from cbd_jax.train_step import (
-  LossSettings,
-  abstract_params,
-  init_train_state,
-  make_optimizer,
-  place_params,
-  state_shardings,
-)
+from cbd_jax.link_driver import LinkKind, LinkRun, global_batch, link_steps, sync
+from cbd_jax.train_step import LossSettings
 
 log = logging.getLogger(__name__)
 BRIDGES = ("vocab", "seqkd")
-OPT_FIELDS = ("lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "b1", "b2", "eps",
-              "grad_clip")
 STUDENT_FIELDS = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                   "intermediate_size", "max_position_embeddings", "tie_embeddings", "norm_eps",
                   "rope_theta")
@@ -99,190 +87,131 @@ def _heldout_quality(config, params, tokenizer, data_cfg, eval_tokens: int, seq_
   return heldout.evaluate(config, params, text)
 
 
-class _Seqkd:
-  """seqkd plumbing: corpus, packed CE batches, the LM step."""
+class _Bridged(LinkKind):
+  """What both bridges share: the student's own tokenizer and spec, bits-per-byte at the end."""
 
-  def __init__(self, config, link, workdir, teacher, t_params, t_tok, s_tok, student, mesh,
-               rules, optimizer, schedule, teacher_name):
-    settings = seqkd.SeqKDSettings(**dict(link.seqkd))
-    out = workdir / "seqkd" / link.name
+  keeps_host_teacher = True
+
+  @functools.cached_property
+  def teacher_tokenizer(self):
+    return hf_io.load_tokenizer(self.run.tokenizer_path)
+
+  @functools.cached_property
+  def _student_tokenizer(self):
+    return bridge_data.load_student_tokenizer(self.run.link.tokenizer)
+
+  def tokenizer(self):
+    return self._student_tokenizer
+
+  def new_student(self):
+    return student_from_spec(self.run.link, self.tokenizer())
+
+  def final(self, s_config, params):
+    """Held-out bits per byte of student and teacher (comparable across tokenizers)."""
+    run = self.run
+    eval_tokens = int((run.config.get("report") or {}).get("eval_tokens", 8192))
+    ours = _heldout_quality(s_config, params, self.tokenizer(), run.config.data, eval_tokens,
+                            run.link.seq_len)
+    theirs = _heldout_quality(run.t_config, run.t_params, self.teacher_tokenizer,
+                              run.config.data, eval_tokens, run.link.seq_len)
+    return {"bpb": ours["bpb"], "heldout_ppl": ours["ppl"], "teacher_bpb": theirs["bpb"],
+            "teacher_ppl": theirs["ppl"]}
+
+  def meta(self):
+    return {"bridge": dict(kind=self.run.link.bridge, **self.bridge_meta)}
+
+
+class SeqkdLink(_Bridged):
+  """The teacher writes a corpus (cached); the student trains on it with plain CE."""
+
+  name = "seqkd"
+  uses_teacher = False
+
+  def build(self, student, teacher, optimizer, schedule, mesh, rules):
+    run, link = self.run, self.run.link
+    out = run.workdir / "seqkd" / link.name
     if jax.process_index() == 0:
-      paragraphs = bridge_data.read_paragraphs(config.data.train, config.data.text_field)
-      self.meta = seqkd.build_corpus(teacher, t_params, t_tok, paragraphs, out, settings,
-                                     teacher_name)
-    _sync(f"seqkd-{link.name}")
-    self.meta = seqkd.load_meta(out)
-    corpus_cfg = mlc.ConfigDict(dict(train=str(seqkd.corpus_path(out)), text_field="text",
-                                     seed=int(config.data.seed), streaming=False,
-                                     heldout=str(config.data.heldout)))
-    cache = Path(config.data.get("cache_dir") or workdir / "data_cache")
-    pi, pc = jax.process_index(), jax.process_count()
-    self.train = data.make_train_data(corpus_cfg, s_tok, link.seq_len, cache, pi, pc)
-    self.evals = data.make_eval_batches(corpus_cfg, s_tok, link.seq_len, config.eval.batch_size,
-                                        config.eval.num_batches, cache, pi, pc)
+      paragraphs = bridge_data.read_paragraphs(run.config.data.train, run.config.data.text_field)
+      seqkd.build_corpus(teacher, run.t_params, self.teacher_tokenizer, paragraphs, out,
+                         seqkd.SeqKDSettings(**dict(link.seqkd)), run.teacher_path)
+    sync(f"seqkd-{link.name}")
+    self.bridge_meta = seqkd.load_meta(out)
+    corpus = mlc.ConfigDict(dict(train=str(seqkd.corpus_path(out)), text_field="text",
+                                 seed=int(run.config.data.seed), streaming=False,
+                                 heldout=str(run.config.data.heldout)))
+    cache = Path(run.config.data.get("cache_dir") or run.workdir / "data_cache")
+    pi, pc, ev = jax.process_index(), jax.process_count(), run.config.eval
+    self.train = data.make_train_data(corpus, self.tokenizer(), link.seq_len, cache, pi, pc)
+    self.evals = data.make_eval_batches(corpus, self.tokenizer(), link.seq_len, ev.batch_size,
+                                        ev.num_batches, cache, pi, pc)
     chunk = int(link.loss.chunk_size)
-    self.step_fn = lm_step.make_lm_step(student, optimizer, mesh, rules, schedule, chunk)
-    self.eval_fn = lm_step.make_lm_eval_step(student, mesh, rules, chunk)
-    self.leading = 1
+    self.train_step = lm_step.make_lm_step(student, optimizer, mesh, rules, schedule, chunk)
+    self.eval_step = lm_step.make_lm_eval_step(student, mesh, rules, chunk)
 
-  def step(self, state, batch):
-    return self.step_fn(state, batch)
+  def step(self, state, teacher_params, batch):
+    return self.train_step(state, batch)
 
-  def evaluate(self, params, mesh) -> dict[str, float]:
+  def evaluate(self, params, teacher_params, mesh):
     avg = metrics.TokenAverager()
     for b in self.evals:
-      avg.add(jax.device_get(self.eval_fn(params, _global(mesh, b, 0))))
-    out = avg.means()
-    return {"ce": out["ce"], "ppl": metrics.perplexity(out["ce"])}
+      avg.add(jax.device_get(self.eval_step(params, global_batch(mesh, b, 0))))
+    ce = avg.means()["ce"]
+    return {"ce": ce, "ppl": metrics.perplexity(ce)}
+
+  def summarize(self, sums):
+    ce = sums["ce_sum"] / max(sums["count"], 1.0)
+    return {"loss": ce, "ce": ce}
 
 
-class _Vocab:
-  """vocab-bridge plumbing: aligned windows, the token map, the bridged step."""
+class VocabLink(_Bridged):
+  """Token-level KD through the vocabulary-projection bridge on byte-aligned windows."""
 
-  def __init__(self, config, link, teacher, teacher_params, t_tok, s_tok, student, mesh, rules,
-               optimizer, schedule):
-    from cbd_jax.chain import link_steps
+  name = "vocab"
 
+  def build(self, student, teacher, optimizer, schedule, mesh, rules):
+    run, link, ev = self.run, self.run.link, self.run.config.eval
     teacher_len = int(link.get("teacher_len") or link.seq_len + link.seq_len // 2)
-    seed = int(config.data.seed)
+    t_tok, s_tok, text_field = self.teacher_tokenizer, self.tokenizer(), run.config.data.text_field
     self.train = bridge_data.load_aligned_windows(
-        config.data.train, t_tok, s_tok, link.seq_len, teacher_len, seed, config.data.text_field,
-        max_windows=int(link.get("max_windows") or 0))
+        run.config.data.train, t_tok, s_tok, link.seq_len, teacher_len, int(run.config.data.seed),
+        text_field, max_windows=int(link.get("max_windows") or 0))
     held = bridge_data.load_aligned_windows(
-        config.data.heldout, t_tok, s_tok, link.seq_len, teacher_len, 0, config.data.text_field,
-        max_windows=config.eval.batch_size * config.eval.num_batches)
-    self.evals = [bridge_step.as_device_batch(b) for b in
-                  held.in_order(config.eval.batch_size, config.eval.num_batches)]
-    self.token_map = vocab_bridge.build_token_map(t_tok, s_tok)
-    log.info("link %s: token map %s", link.name, self.token_map.coverage())
-    loss = LossSettings(**dict(link.loss))
-    self.step_fn = bridge_step.make_bridge_step(student, teacher, optimizer, loss,
-                                                self.token_map, mesh, rules, schedule)
-    self.eval_fn = bridge_step.make_bridge_eval_step(student, teacher, loss, self.token_map,
-                                                     mesh, rules)
-    self.teacher_params = teacher_params
+        run.config.data.heldout, t_tok, s_tok, link.seq_len, teacher_len, 0, text_field,
+        max_windows=ev.batch_size * ev.num_batches)
+    self.evals = [bridge_step.as_device_batch(b)
+                  for b in held.in_order(ev.batch_size, ev.num_batches)]
+    token_map = vocab_bridge.build_token_map(t_tok, s_tok)
+    log.info("link %s: token map %s", link.name, token_map.coverage())
+    self.loss = LossSettings(**dict(link.loss))
+    self.train_step = bridge_step.make_bridge_step(student, teacher, optimizer, self.loss,
+                                                   token_map, mesh, rules, schedule)
+    self.eval_step = bridge_step.make_bridge_eval_step(student, teacher, self.loss, token_map,
+                                                       mesh, rules)
     # The teacher reads teacher_len tokens of every training window (padding included).
     windows = link_steps(link) * link.batch_size * link.microbatches
-    self.meta = {"token_map": self.token_map.coverage(), "teacher_tokens": windows * teacher_len,
-                 "teacher_flops": 2 * num_params(teacher) * windows * teacher_len}
+    self.bridge_meta = {"token_map": token_map.coverage(),
+                        "teacher_tokens": windows * teacher_len,
+                        "teacher_flops": 2 * num_params(teacher) * windows * teacher_len}
 
-  def step(self, state, batch):
-    return self.step_fn(state, self.teacher_params, batch)
+  def batch(self, step):
+    return bridge_step.as_device_batch(super().batch(step))
 
-  def evaluate(self, params, mesh) -> dict[str, float]:
-    sums: dict[str, float] = {"kd_sum": 0.0, "pairs": 0.0, "ce_sum": 0.0, "count": 0.0}
+  def evaluate(self, params, teacher_params, mesh):
+    sums = {"kd_sum": 0.0, "pairs": 0.0, "ce_sum": 0.0, "count": 0.0}
     for b in self.evals:
-      m = jax.device_get(self.eval_fn(params, self.teacher_params, _global(mesh, b, 0)))
+      m = jax.device_get(self.eval_step(params, teacher_params, global_batch(mesh, b, 0)))
       for k in sums:
         sums[k] += float(m[k])
+    means = self.summarize(sums)
+    return {"kl": means["kd"], "ce": means["ce"], "ppl": metrics.perplexity(means["ce"])}
+
+  def summarize(self, sums):
+    kd = sums["kd_sum"] / max(sums["pairs"], 1.0)
     ce = sums["ce_sum"] / max(sums["count"], 1.0)
-    return {"kl": sums["kd_sum"] / max(sums["pairs"], 1.0), "ce": ce,
-            "ppl": metrics.perplexity(ce)}
+    return {"loss": self.loss.kd_weight * kd + self.loss.ce_weight * ce, "kd": kd, "ce": ce}
 
 
-def _global(mesh, local, leading):
-  from cbd_jax.chain import global_batch
-
-  if "pair_mask" in local:
-    local = bridge_step.as_device_batch(local)
-  return global_batch(mesh, local, leading)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def train_bridge_link(config, index: int, teacher_path: str, tokenizer_path: str,
-                      entry: dict[str, Any], workdir: Path, on_start) -> dict[str, Any]:
-  """Trains bridged link ``index`` to completion (resuming if it can); returns its entry."""
-  from cbd_jax.chain import host_params, link_steps
-
-  link = config.chain[index]
-  lead = jax.process_index() == 0
-  t_config, t_params = hf_io.load_hf_numpy(teacher_path)
-  t_tok = hf_io.load_tokenizer(tokenizer_path)
-  s_tok = bridge_data.load_student_tokenizer(link.tokenizer)
-  ckpt_dir = workdir / "checkpoints" / link.name
-  s_params = None
-  if entry.get("config") is not None and ckpt_dir.exists():
-    s_config = ModelConfig.from_dict(entry["config"])
-  else:
-    s_config, s_params = student_from_spec(link, s_tok)
-  entry = on_start(s_config)
-  student = s_config.replace(dtype=link.dtype, remat=bool(link.get("remat")))
-  teacher = t_config.replace(dtype=link.get("teacher_dtype") or link.dtype)
-  steps = link_steps(link)
-  mesh = make_mesh(dict(config.mesh))
-  rules = parse_rules(config.get("sharding_rules"))
-  optimizer, schedule = make_optimizer(*(link.optimizer[k] for k in OPT_FIELDS[:1]), steps,
-                                       *(link.optimizer[k] for k in OPT_FIELDS[1:]))
-  sh = state_shardings(student, optimizer, mesh, rules)
-  manager = checkpoint.make_checkpoint_manager(ckpt_dir, config.checkpoint.every,
-                                               config.checkpoint.keep)
-  shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params(student))
-  state = checkpoint.restore_latest(manager, checkpoint.abstract_with_shardings(shapes, sh))
-  if state is None:
-    if s_params is None:
-      s_config, s_params = student_from_spec(link, s_tok)
-    placed = place_params(s_params, sh.params, jnp.float32)
-    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=sh)(placed)
-  del s_params
-  teacher_params = place_params(t_params, tree_shardings(t_params, mesh, rules),
-                                jnp.dtype(teacher.dtype))
-  if link.bridge == "seqkd":
-    plan = _Seqkd(config, link, workdir, teacher, t_params, t_tok, s_tok, student, mesh, rules,
-                  optimizer, schedule, teacher_path)
-  else:
-    plan = _Vocab(config, link, teacher, teacher_params, t_tok, s_tok, student, mesh, rules,
-                  optimizer, schedule)
-  writer = metrics.MetricsWriter(workdir / "metrics" / f"{link.name}.jsonl", None, enabled=lead)
-  tokens_per_step = link.batch_size * link.microbatches * link.seq_len
-  start = int(jax.device_get(state.step))
-  log.info("link %s (%s bridge): %s student (%s params) <- %s, steps %d..%d", link.name,
-           link.bridge, s_config.family, f"{num_params(s_config):,}", teacher_path, start, steps)
-  pi, pc = jax.process_index(), jax.process_count()
-  stop = steps if not config.get("stop_after") else min(steps, start + config.stop_after)
-  t0 = time.time()
-  for step in range(start, stop):
-    local = plan.train.batch(step, link.microbatches, link.batch_size, pi, pc)
-    state, m = plan.step(state, _global(mesh, local, 1))
-    if (step + 1) % config.log.every == 0 or step + 1 == stop:
-      m = jax.device_get(m)
-      row = {"loss": float(m["loss"]), "ce": float(m["ce_sum"]) / max(float(m["count"]), 1.0),
-             "tokens_per_s": (step + 1 - start) * tokens_per_step / (time.time() - t0)}
-      if "pairs" in m:
-        row["kd"] = float(m["kd_sum"]) / max(float(m["pairs"]), 1.0)
-      writer.write(step + 1, row, "train/")
-      if lead:
-        log.info("link %s step %d/%d %s", link.name, step + 1, steps,
-                 " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    if (step + 1) % config.checkpoint.every == 0:
-      checkpoint.save_state(manager, state, force=True)
-  checkpoint.save_state(manager, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
-  if stop < steps:
-    writer.close()
-    return dict(entry, tokens=stop * tokens_per_step, steps=stop)
-  evals = plan.evaluate(state.params, mesh)
-  params = host_params(state.params)
-  report = config.get("report") or {}
-  eval_tokens = int(report.get("eval_tokens", 8192))
-  quality = _heldout_quality(s_config, params, s_tok, config.data, eval_tokens, link.seq_len)
-  teacher_q = _heldout_quality(t_config, t_params, t_tok, config.data, eval_tokens, link.seq_len)
-  evals.update(bpb=quality["bpb"], heldout_ppl=quality["ppl"], teacher_bpb=teacher_q["bpb"],
-               teacher_ppl=teacher_q["ppl"])
-  writer.write(steps, evals, "eval/")
-  writer.close()
-  log.info("link %s done: held-out ppl %.2f, %.3f bits/byte (teacher %.3f bits/byte)",
-           link.name, quality["ppl"], quality["bpb"], teacher_q["bpb"])
-  if lead:
-    hf_io.save_hf(s_config, params, workdir / entry["path"], tokenizer=s_tok,
-                  dtype=config.get("export_dtype") or None, overwrite=True)
-  _sync(f"export-{link.name}")
-  meta = {k: v for k, v in plan.meta.items()} if plan.meta else {}
-  return dict(entry, status="done", tokens=steps * tokens_per_step, steps=steps, eval=evals,
-              bridge=dict(kind=link.bridge, **meta))
+def make_kind(run: LinkRun) -> LinkKind:
+  """The kind of a bridged link (``link.bridge``)."""
+  check_link(run.link, f"link {run.link.name}")
+  return SeqkdLink(run) if run.link.bridge == "seqkd" else VocabLink(run)

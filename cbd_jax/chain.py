@@ -12,64 +12,37 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from cbd_jax import checkpoint, data, hf_io, losses, manifest, metrics, resize, source
-from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.sharding import (
-  MESH_AXES,
-  batch_sharding,
-  data_parallel_size,
-  make_mesh,
-  parse_rules,
-  tree_shardings,
+from cbd_jax import bridge_link, data, hf_io, losses, manifest, metrics, resize, source
+from cbd_jax.config import ModelConfig
+from cbd_jax.link_driver import (  # noqa: F401  (global_batch, host_params: the chain's API)
+  LinkKind,
+  LinkRun,
+  global_batch,
+  host_params,
+  link_steps,
+  train_link,
 )
-from cbd_jax.train_step import (
-  LossSettings,
-  abstract_params,
-  init_train_state,
-  make_eval_step,
-  make_optimizer,
-  make_train_step,
-  place_params,
-  state_shardings,
-)
+from cbd_jax.sharding import MESH_AXES
+from cbd_jax.train_step import LossSettings, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size")
 
 
-_OPT_FIELDS = ("lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "b1", "b2", "eps",
-               "grad_clip")
-
-
 @functools.lru_cache(maxsize=8)
-def _make_steps(student, teacher, loss, mesh, rules, opt: tuple, steps: int):
-  """(optimizer, schedule, train_step, eval_step), built once per link setting and process, so a
-  resumed link in the same process reuses the compiled steps."""
-  optimizer, schedule = make_optimizer(*opt[:1], steps, *opt[1:])
+def _make_steps(student, teacher, loss, mesh, rules, optimizer, schedule):
+  """(train_step, eval_step), built once per link setting and process, so a resumed link in the
+  same process reuses the compiled steps."""
   train_step = make_train_step(student, teacher, optimizer, loss, mesh, rules, schedule)
-  return optimizer, schedule, train_step, make_eval_step(student, teacher, loss, mesh, rules)
-
-
-def link_steps(link) -> int:
-  """Optimizer steps of a link: ``steps``, or ceil(tokens / tokens_per_step) when tokens > 0."""
-  per_step = link.batch_size * link.microbatches * link.seq_len
-  if link.get("tokens", 0):
-    return max(1, math.ceil(link.tokens / per_step))
-  if link.steps <= 0:
-    raise ValueError(f"link {link.name}: set steps > 0 or a token budget (tokens > 0)")
-  return int(link.steps)
+  return train_step, make_eval_step(student, teacher, loss, mesh, rules)
 
 
 def check_config(config) -> None:
@@ -85,7 +58,7 @@ def check_config(config) -> None:
   for i, link in enumerate(config.chain):
     where = f"config.chain[{i}] ({link.name})"
     if is_bridged(link):
-      _bridge_module(link, where).check_link(link, where)
+      bridge_link.check_link(link, where)
     elif not link.get("init") and not any(dict(link.shape).values()):
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
     losses.check_kind(link.loss.kind)
@@ -102,16 +75,6 @@ def is_bridged(link) -> bool:
   return link.get("bridge", "none") not in ("none", "", None)
 
 
-def _bridge_module(link, where: str):
-  """The driver of bridged links (``cbd_jax.bridge_link``), imported only when a link needs it."""
-  try:
-    from cbd_jax import bridge_link
-  except ImportError:
-    raise ValueError(f"{where}: bridge {link.bridge!r} needs cbd_jax.bridge_link, which is not "
-                     "installed; use bridge='none' with a teacher of the same tokenizer") from None
-  return bridge_link
-
-
 def student_config(link, teacher: ModelConfig) -> ModelConfig:
   """The shape a Shrink-started student takes: the teacher's config with ``link.shape`` set."""
   shape = {k: int(v) for k, v in dict(link.shape).items() if v}
@@ -124,34 +87,8 @@ def student_config(link, teacher: ModelConfig) -> ModelConfig:
   return teacher.replace(**shape)
 
 
-def _compute(config: ModelConfig, link, dtype_key: str) -> ModelConfig:
-  return config.replace(dtype=link.get(dtype_key) or link.dtype, remat=bool(link.get("remat")))
-
-
-def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``.
-
-  Each batch shard must live on one process's devices (true when the tensor axis stays within a
-  host, as ``jax.make_mesh`` lays meshes out); the rows' order across processes does not matter,
-  since losses are token sums.
-  """
-  pc = jax.process_count()
-  sh = batch_sharding(mesh, ndim=local["ids"].ndim, leading=leading)
-  def one(x):
-    shape = list(x.shape)
-    shape[leading] *= pc
-    return jax.make_array_from_process_local_data(sh, x, tuple(shape))
-  return {k: one(v) for k, v in local.items()}
-
-
-def host_params(params: Any) -> Any:
-  """Full numpy copies of (possibly multi-host sharded) arrays on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(params)
-  return multihost_utils.process_allgather(params, tiled=True)
-
-
-def _evaluate(eval_step, params, teacher_params, batches, mesh) -> dict[str, float]:
+def evaluate_kd(eval_step, params, teacher_params, batches, mesh) -> dict[str, float]:
+  """Held-out token means of a KD eval step (kl, kd, ce, teacher_ce) and both perplexities."""
   avg = metrics.TokenAverager()
   for b in batches:
     avg.add(jax.device_get(eval_step(params, teacher_params, global_batch(mesh, b, 0))))
@@ -159,13 +96,6 @@ def _evaluate(eval_step, params, teacher_params, batches, mesh) -> dict[str, flo
   out["ppl"] = metrics.perplexity(out["ce"])
   out["teacher_ppl"] = metrics.perplexity(out["teacher_ce"])
   return out
-
-
-def _progress(total: int, initial: int, name: str, enabled: bool):
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
-              disable=not enabled, mininterval=1.0, smoothing=0.1)
 
 
 def _start_student(link, teacher: ModelConfig, teacher_params) -> tuple[ModelConfig, Any]:
@@ -183,168 +113,55 @@ def _start_student(link, teacher: ModelConfig, teacher_params) -> tuple[ModelCon
   return target, jax.tree.map(np.asarray, params)
 
 
-class _Reporter:
-  """Token-weighted training metrics per logging window -> JSONL, the progress bar, log lines."""
+class KDLink(LinkKind):
+  """Token-level KD from a teacher of the same tokenizer, with an optional CE mix."""
 
-  def __init__(self, link, loss: LossSettings, steps: int, start: int, writer, config, lead):
-    self.link, self.loss, self.steps, self.writer = link, loss, steps, writer
-    self.every, self.quiet = config.log.every, not config.log.progress
-    self.lead = lead
-    self.tokens_per_step = link.batch_size * link.microbatches * link.seq_len
-    self.kd_name = "kl" if loss.kind == "fkl" and loss.temperature == 1.0 else loss.kind
-    self.bar = _progress(steps, start, link.name, lead and config.log.progress)
-    self.window, self.t_window, self.timed = metrics.TokenAverager(), time.time(), -1
-    self.rate = float("nan")
+  name = "kd"
 
-  def add(self, step: int, m: dict[str, Any]) -> None:
-    """One step's host metrics; writes the window's means every ``log.every`` steps.
+  def new_student(self):
+    run = self.run
+    return _start_student(run.link, run.t_config, run.t_params)
 
-    Throughput leaves out the run's first step (mostly compilation) and evaluation time.
-    """
-    m = dict(m, loss_sum=self.loss.kd_weight * m["kd_sum"] + self.loss.ce_weight * m["ce_sum"])
-    m.pop("loss")
-    self.window.add(m)
-    if self.timed < 0:
-      self.t_window, self.timed = time.time(), 0
-    else:
-      self.timed += 1
-    if step % self.every and step != self.steps:
-      return
-    means = self.window.means()
-    elapsed = time.time() - self.t_window
-    if self.timed:  # Else (a window of one step after a pause) the last rate stands.
-      self.rate = self.timed * self.tokens_per_step / elapsed
-    means["tokens_per_s"] = self.rate
-    self.writer.write(step, means, "train/")
-    self.bar.set_postfix(loss=f"{means['loss']:.4f}", **{self.kd_name: f"{means['kd']:.4f}"},
-                         tok_s=f"{means['tokens_per_s']:.0f}", refresh=False)
-    if self.quiet and self.lead:
-      log.info("link %s step %d/%d loss %.4f %s %.4f tok/s %.0f", self.link.name, step,
-               self.steps, means["loss"], self.kd_name, means["kd"], means["tokens_per_s"])
-    self.window.reset()
-    self.t_window, self.timed = time.time(), 0
+  @functools.cached_property
+  def _tokenizer(self):
+    return hf_io.load_tokenizer(self.run.tokenizer_path)
 
-  def evaluated(self, step: int, evals: dict[str, float]) -> None:
-    """Writes held-out metrics; throughput restarts after the time spent evaluating."""
-    self.timed = -1
-    self.writer.write(step, evals, "eval/")
-    self.bar.set_postfix_str(f"eval kl {evals['kl']:.4f} ppl {evals['ppl']:.2f}", refresh=False)
+  def tokenizer(self):
+    return self._tokenizer
 
-  def close(self) -> None:
-    self.bar.close()
-    self.writer.close()
+  def build(self, student, teacher, optimizer, schedule, mesh, rules):
+    self.loss = LossSettings(**dict(self.run.link.loss))
+    self.train_step, self.eval_step = _make_steps(student, teacher, self.loss, mesh, rules,
+                                                  optimizer, schedule)
+    self.make_data()
+
+  def make_data(self) -> None:
+    """Packed training sequences and held-out batches through the student's tokenizer."""
+    run, pi, pc = self.run, jax.process_index(), jax.process_count()
+    cache = Path(run.config.data.get("cache_dir") or run.workdir / "data_cache")
+    self.train = data.make_train_data(run.config.data, self.tokenizer(), run.link.seq_len, cache,
+                                      pi, pc)
+    self.evals = data.make_eval_batches(run.config.data, self.tokenizer(), run.link.seq_len,
+                                        run.config.eval.batch_size, run.config.eval.num_batches,
+                                        cache, pi, pc)
+
+  def evaluate(self, params, teacher_params, mesh):
+    return evaluate_kd(self.eval_step, params, teacher_params, self.evals, mesh)
+
+  def summarize(self, sums):
+    count = max(sums["count"], 1.0)
+    kd, ce = sums["kd_sum"] / count, sums["ce_sum"] / count
+    return {"loss": self.loss.kd_weight * kd + self.loss.ce_weight * ce, "kd": kd, "ce": ce}
 
 
-def _initial_state(student, optimizer, sh, manager, start_student):
-  """The latest checkpoint of the link, else a fresh state from ``start_student()``."""
-  shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params(student))
-  state = checkpoint.restore_latest(manager, checkpoint.abstract_with_shardings(shapes, sh))
-  if state is None:
-    placed = place_params(start_student(), sh.params, jnp.float32)
-    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=sh)(placed)
-  return state
-
-
-def _run_steps(state, stop: int, train_step, eval_step, teacher_params, train_data,
-               eval_batches, mesh, manager, reporter, config):
-  """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way."""
-  link, pi, pc = reporter.link, jax.process_index(), jax.process_count()
-  pending = None
-  for step in range(int(jax.device_get(state.step)), stop):
-    local = train_data.batch(step, link.microbatches, link.batch_size, pi, pc)
-    state, m = train_step(state, teacher_params, global_batch(mesh, local, 1))
-    if pending is not None:  # Pulled one step late, so the device never waits for the host.
-      reporter.add(pending[0], jax.device_get(pending[1]))
-    pending = (step + 1, m)
-    reporter.bar.update(1)
-    if (step + 1) % config.checkpoint.every == 0:
-      checkpoint.save_state(manager, state, force=True)
-    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < reporter.steps:
-      reporter.evaluated(step + 1, _evaluate(eval_step, state.params, teacher_params,
-                                             eval_batches, mesh))
-  if pending is not None:
-    reporter.add(pending[0], jax.device_get(pending[1]))
-  checkpoint.save_state(manager, state, force=True)
-  manager.wait_until_finished()
-  return state
-
-
-def train_link(config, index: int, teacher_path: str, tokenizer_path: str,
-               entry: dict[str, Any], workdir: Path, on_start) -> dict[str, Any]:
-  """Trains link ``index`` to completion (resuming if it can); returns its manifest entry."""
-  link, lead = config.chain[index], jax.process_index() == 0
+def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_path: str,
+              tokenizer_path: str) -> LinkKind:
+  """The strategy of link ``index``: plain KD, or its bridge's kind."""
+  link = config.chain[index]
   t_config, t_params = hf_io.load_hf_numpy(teacher_path)
-  tokenizer = hf_io.load_tokenizer(tokenizer_path)
-  ckpt_dir = workdir / "checkpoints" / link.name
-  fresh = None
-  if entry.get("config") is not None and ckpt_dir.exists():  # Resuming: the shape is known.
-    s_config = ModelConfig.from_dict(entry["config"])
-  else:
-    s_config, fresh = _start_student(link, t_config, t_params)
-  entry = on_start(s_config)
-
-  student, teacher = _compute(s_config, link, "dtype"), _compute(t_config, link, "teacher_dtype")
-  steps, mesh = link_steps(link), make_mesh(dict(config.mesh))
-  for key, rows in (("batch_size", link.batch_size), ("eval.batch_size", config.eval.batch_size)):
-    if rows % data_parallel_size(mesh):
-      raise ValueError(f"link {link.name}: {key}={rows} must be a multiple of the mesh's "
-                       f"data x fsdp = {data_parallel_size(mesh)} batch shards")
-  rules = parse_rules(config.get("sharding_rules"))
-  loss = LossSettings(**dict(link.loss))
-  optimizer, schedule, train_step, eval_step = _make_steps(
-      student, teacher, loss, mesh, rules, tuple(link.optimizer[k] for k in _OPT_FIELDS), steps)
-  manager = checkpoint.make_checkpoint_manager(ckpt_dir, config.checkpoint.every,
-                                               config.checkpoint.keep)
-
-  def start_params():
-    return fresh if fresh is not None else _start_student(link, t_config, t_params)[1]
-  state = _initial_state(student, optimizer, state_shardings(student, optimizer, mesh, rules),
-                         manager, start_params)
-  teacher_params = place_params(t_params, tree_shardings(t_params, mesh, rules),
-                                jnp.dtype(teacher.dtype))
-  fresh = t_params = None  # The host copies are no longer needed.
-
-  pi, pc = jax.process_index(), jax.process_count()
-  cache = Path(config.data.get("cache_dir") or workdir / "data_cache")
-  train_data = data.make_train_data(config.data, tokenizer, link.seq_len, cache, pi, pc)
-  eval_batches = data.make_eval_batches(config.data, tokenizer, link.seq_len,
-                                        config.eval.batch_size, config.eval.num_batches, cache,
-                                        pi, pc)
-  writer = metrics.MetricsWriter(workdir / "metrics" / f"{link.name}.jsonl",
-                                 workdir / "tensorboard" / link.name if config.log.tensorboard
-                                 else None, enabled=lead)
-  start = int(jax.device_get(state.step))
-  reporter = _Reporter(link, loss, steps, start, writer, config, lead)
-  log.info("link %s: %s (%s params) <- %s, steps %d..%d of %d tokens each", link.name,
-           s_config.family, f"{num_params(s_config):,}", teacher_path, start, steps,
-           reporter.tokens_per_step)
-  stop = steps if not config.get("stop_after") else min(steps, start + config.stop_after)
-  state = _run_steps(state, stop, train_step, eval_step, teacher_params, train_data,
-                     eval_batches, mesh, manager, reporter, config)
-  tokens = stop * reporter.tokens_per_step
-  if stop < steps:  # This run's step budget (stop_after) is spent: the link stays "running".
-    log.info("link %s: stopping at step %d of %d (stop_after); run again to resume", link.name,
-             stop, steps)
-    reporter.close()
-    manager.close()
-    return dict(entry, tokens=tokens, steps=stop)
-  evals = _evaluate(eval_step, state.params, teacher_params, eval_batches, mesh)
-  reporter.evaluated(steps, evals)
-  reporter.close()
-  log.info("link %s done: held-out KL %.4f, student ppl %.2f (teacher %.2f)", link.name,
-           evals["kl"], evals["ppl"], evals["teacher_ppl"])
-  params = host_params(state.params)
-  if lead:
-    hf_io.save_hf(s_config, params, workdir / entry["path"], tokenizer=tokenizer,
-                  dtype=config.get("export_dtype") or None, overwrite=True)
-  _sync(f"export-{link.name}")
-  manager.close()
-  return dict(entry, status="done", tokens=tokens, steps=steps, eval=evals)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  run = LinkRun(config, link, workdir, workdir / entry["path"], teacher_path, tokenizer_path,
+                t_config, t_params)
+  return bridge_link.make_kind(run) if is_bridged(link) else KDLink(run)
 
 
 def run_chain(config) -> dict[str, Any]:
@@ -366,9 +183,8 @@ def run_chain(config) -> dict[str, Any]:
         manifest.save(workdir, doc)
         return doc["anchors"][index]
 
-      train = (_bridge_module(link, link.name).train_bridge_link if is_bridged(link)
-               else train_link)
-      done = train(config, index, teacher_path, tokenizer_path, entry, workdir, on_start)
+      kind = make_kind(config, index, workdir, entry, teacher_path, tokenizer_path)
+      done = train_link(kind, entry, on_start)
       doc["anchors"][index] = done
       manifest.save(workdir, doc)
       if done["status"] != "done":

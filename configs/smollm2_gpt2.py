@@ -16,12 +16,13 @@ weights: Shrink cannot cross families. The teacher's knowledge crosses the vocab
   cross-entropy.
 
 Held-out perplexities of the two tokenizers are not comparable per token; the report's bits per
-byte are. ``*_smoke`` variants run the same code paths with a few steps. CPU-sized budgets.
+byte are. ``*_smoke`` variants (``smoke`` = ``vocab_bridge_smoke``) run the same code paths with a
+few steps. CPU-sized budgets.
 """
 
 import ml_collections as mlc
 
-VARIANTS = ("vocab_bridge", "seqkd", "vocab_bridge_smoke", "seqkd_smoke")
+VARIANTS = ("vocab_bridge", "seqkd", "vocab_bridge_smoke", "seqkd_smoke", "smoke")
 
 # GPT-2 family, 6 x 384, 6 heads of 64, FFN 1536, tied embeddings: 30.1M parameters.
 STUDENT = dict(family="gpt2", num_layers=6, hidden_size=384, num_heads=6, num_kv_heads=6,
@@ -31,12 +32,14 @@ NO_SHAPE = dict(num_layers=0, hidden_size=0, num_heads=0, num_kv_heads=0, interm
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  """Variants: "vocab_bridge" / "seqkd" (CPU-sized) and their "_smoke" versions (seconds)."""
+  """Variants: "vocab_bridge" / "seqkd" (CPU-sized), their "_smoke" versions (seconds), and
+  "smoke" (= "vocab_bridge_smoke")."""
   from cbd_jax import assets
 
   arg = arg or "vocab_bridge"
   if arg not in VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/smollm2_gpt2.py; use one of {VARIANTS}")
+  arg = "vocab_bridge_smoke" if arg == "smoke" else arg
   bridge, smoke = arg.removesuffix("_smoke"), arg.endswith("_smoke")
   vocab, merges = assets.gpt2_tokenizer_files()
   c = mlc.ConfigDict()
@@ -70,6 +73,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval = mlc.ConfigDict(dict(every=0, batch_size=8, num_batches=4))
   c.log = mlc.ConfigDict(dict(every=2, progress=False, tensorboard=False))
   c.export_dtype = "float32"
+  c.stop_after = 0                # Steps per invocation (0 = to the end).
   c.report = mlc.ConfigDict(dict(eval_tokens=4096, seq_len=128))
   if smoke:
     c.workdir += "_smoke"

@@ -202,3 +202,59 @@ def test_seqkd_corpus_resumes_to_the_same_text_and_counts_teacher_flops(tmp_path
     seqkd.build_corpus(teacher, params, smollm2, paragraphs, tmp_path / "a",
                        settings.__class__(num_sequences=2, prompt_tokens=8, new_tokens=6,
                                           batch_size=4), "t")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, smollm2):
+  """A 2-layer random Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+  from cbd_jax import hf_io
+
+  folder = tmp_path_factory.mktemp("teacher") / "tiny-smollm2"
+  teacher = TEACHER.replace(eos_token_id=smollm2.eos_token_id)
+  hf_io.save_hf(teacher, source.init_host_params(teacher, 7), folder, tokenizer=smollm2)
+  return folder
+
+
+def _smoke_config(variant, workdir, teacher_folder):
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from configs import smollm2_gpt2
+
+  config = smollm2_gpt2.get_config(variant)
+  config.workdir = str(workdir)
+  config.source.path = str(teacher_folder)
+  return config
+
+
+@pytest.mark.parametrize("variant", ["smoke", "seqkd_smoke"])
+def test_bridged_chain_runs_end_to_end_and_exports_a_gpt2_anchor(tmp_path, tiny_teacher, gpt2,
+                                                                 variant):
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  from cbd_jax import chain
+  from cbd_jax.config import num_params
+
+  config = _smoke_config(variant, tmp_path / "run", tiny_teacher)
+  link = config.chain[0]
+  doc = chain.run_chain(config)
+  entry = doc["anchors"][0]
+  assert entry["status"] == "done" and entry["steps"] == 2
+  assert entry["tokens"] == 2 * 8 * 1 * 32  # steps * batch * microbatches * seq_len.
+  assert all(np.isfinite(v) for v in entry["eval"].values()) and entry["eval"]["bpb"] > 0
+  n_teacher = num_params(TEACHER)
+  if variant == "smoke":  # The teacher reads teacher_len tokens of each of 2 x 8 windows.
+    assert entry["bridge"]["teacher_flops"] == 2 * n_teacher * 2 * 8 * 48
+    assert entry["eval"]["kl"] >= 0
+  else:  # One batch of 4 prompts: 8 prompt + 8 new tokens each.
+    assert entry["bridge"]["teacher_flops"] == 2 * n_teacher * 4 * (8 + 8)
+    lines = (tmp_path / "run" / "seqkd" / link.name / seqkd.CORPUS).read_text().splitlines()
+    assert len(lines) == link.seqkd.num_sequences
+  folder = tmp_path / "run" / entry["path"]
+  assert AutoTokenizer.from_pretrained(folder)("Hello world")["input_ids"] == [15496, 995]
+  hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  assert hf.config.model_type == "gpt2" and hf.config.n_layer == link.student.num_layers
+  rows = [json.loads(x) for x in (tmp_path / "run" / "metrics" / f"{link.name}.jsonl").open()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # log.every = 1, no gaps.

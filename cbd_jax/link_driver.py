@@ -1,0 +1,365 @@
+"""One link driver for every kind of link: plain KD, bridged KD, sequence-level KD, recovery.
+
+A link trains one student. What differs between kinds (where the student starts, which data and
+which step it trains with, how it is evaluated) is a small strategy object, a `LinkKind`; what
+does not is written here once: resume, optimizer, restore-or-init, teacher placement, the
+checkpoint loop, ``stop_after``, evaluation, metrics (pulled one step late, so the device never
+waits for the host), export and the multi-host sync points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cbd_jax import checkpoint, hf_io, metrics
+from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.sharding import (
+  batch_sharding,
+  data_parallel_size,
+  make_mesh,
+  parse_rules,
+  tree_shardings,
+)
+from cbd_jax.train_step import (
+  abstract_params,
+  init_train_state,
+  make_optimizer,
+  place_params,
+  state_shardings,
+)
+
+log = logging.getLogger(__name__)
+OPT_FIELDS = ("lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay", "b1", "b2", "eps",
+              "grad_clip")
+
+
+@dataclasses.dataclass
+class LinkRun:
+  """One link's settings and places: the run config, the link's fields, teacher, output paths."""
+
+  config: Any                 # The run's config (data, mesh, checkpoint, eval, log, ...).
+  link: Any                   # The link's fields (name, budget, loss, optimizer, batch, dtypes).
+  workdir: Path
+  out: Path                   # Where the finished student is exported.
+  teacher_path: str | None = None
+  tokenizer_path: str | None = None
+  t_config: ModelConfig | None = None
+  t_params: Any = None        # Host (numpy) teacher params.
+
+  @property
+  def ckpt_dir(self) -> Path:
+    return self.workdir / "checkpoints" / self.link.name
+
+  @property
+  def tokens_per_step(self) -> int:
+    return int(self.link.batch_size * self.link.microbatches * self.link.seq_len)
+
+
+class LinkKind:
+  """What a kind of link decides; the driver calls these in order (see `train_link`)."""
+
+  name = "kd"
+  uses_teacher = True         # The step reads the teacher's params, placed on the mesh.
+  keeps_host_teacher = False  # ``final`` reads the teacher's host params.
+
+  def __init__(self, run: LinkRun):
+    self.run = run
+
+  def new_student(self) -> tuple[ModelConfig, Any]:
+    """(config, host params) of a student that starts now."""
+    raise NotImplementedError
+
+  def tokenizer(self):
+    """The student's tokenizer (exported with it)."""
+    raise NotImplementedError
+
+  def build(self, student: ModelConfig, teacher: ModelConfig | None, optimizer, schedule, mesh,
+            rules) -> None:
+    """Makes the data and compiles the steps."""
+    raise NotImplementedError
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows [M, B / P, ...] of training batch ``step``."""
+    link = self.run.link
+    return self.train.batch(step, link.microbatches, link.batch_size, jax.process_index(),
+                            jax.process_count())
+
+  def step(self, state, teacher_params, batch):
+    return self.train_step(state, teacher_params, batch)
+
+  def evaluate(self, params, teacher_params, mesh) -> dict[str, float]:
+    raise NotImplementedError
+
+  def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+    """Means of a window of summed step metrics (``loss`` and the kind's own)."""
+    raise NotImplementedError
+
+  def final(self, s_config: ModelConfig, params) -> dict[str, float]:
+    """Extra evaluations of the finished student (host params)."""
+    return {}
+
+  def meta(self) -> dict[str, Any]:
+    """Extra fields of the finished link's manifest entry."""
+    return {}
+
+
+def link_steps(link) -> int:
+  """Optimizer steps of a link: ``steps``, or ceil(tokens / tokens_per_step) when tokens > 0."""
+  per_step = link.batch_size * link.microbatches * link.seq_len
+  if link.get("tokens", 0):
+    return max(1, math.ceil(link.tokens / per_step))
+  if link.steps <= 0:
+    raise ValueError(f"link {link.name}: set steps > 0 or a token budget (tokens > 0)")
+  return int(link.steps)
+
+
+def optimizer_for(link, total_steps: int):
+  """(optimizer, schedule) of ``link.optimizer``, passed by name; the same objects for the same
+  settings within a process, so compiled steps keyed on them are reused when a link resumes."""
+  return _optimizer(tuple((k, link.optimizer[k]) for k in OPT_FIELDS if k in link.optimizer),
+                    total_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(settings: tuple, total_steps: int):
+  return make_optimizer(total_steps=total_steps, **dict(settings))
+
+
+def compute_config(config: ModelConfig, link, teacher: bool = False) -> ModelConfig:
+  """The model's config with the link's compute dtype (and remat for the student)."""
+  dtype = (link.get("teacher_dtype") if teacher else None) or link.dtype
+  return config.replace(dtype=dtype, remat=bool(link.get("remat")) and not teacher)
+
+
+def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``.
+
+  Each batch shard must live on one process's devices (true when the tensor axis stays within a
+  host, as ``jax.make_mesh`` lays meshes out); the rows' order across processes does not matter,
+  since losses are token sums.
+  """
+  pc = jax.process_count()
+  sh = batch_sharding(mesh, ndim=local["ids"].ndim, leading=leading)
+
+  def one(x):
+    shape = list(x.shape)
+    shape[leading] *= pc
+    return jax.make_array_from_process_local_data(sh, x, tuple(shape))
+  return {k: one(v) for k, v in local.items()}
+
+
+def host_params(params: Any) -> Any:
+  """Full numpy copies of (possibly multi-host sharded) arrays on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+def sync(name: str) -> None:
+  """A barrier of every process (nothing on one host)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def check_batch(link, config, mesh) -> None:
+  """Training and evaluation batches must split evenly over the mesh's batch shards."""
+  shards = data_parallel_size(mesh)
+  for key, rows in (("batch_size", link.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if rows % shards:
+      raise ValueError(f"link {link.name}: {key}={rows} must be a multiple of the mesh's "
+                       f"data x fsdp = {shards} batch shards")
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
+              disable=not enabled, mininterval=1.0, smoothing=0.1)
+
+
+class Reporter:
+  """Training metrics per logging window -> JSONL, the progress bar, log lines."""
+
+  def __init__(self, run: LinkRun, kind: LinkKind, steps: int, start: int, lead: bool):
+    config = run.config
+    self.name, self.kind, self.steps = run.link.name, kind, steps
+    self.writer = metrics.MetricsWriter(
+        run.workdir / "metrics" / f"{run.link.name}.jsonl",
+        run.workdir / "tensorboard" / run.link.name if config.log.get("tensorboard") else None,
+        enabled=lead)
+    self.every, self.quiet, self.lead = config.log.every, not config.log.progress, lead
+    self.tokens_per_step = run.tokens_per_step
+    self.bar = _progress(steps, start, run.link.name, lead and config.log.progress)
+    self.sums, self.last = defaultdict(float), {}
+    self.t_window, self.timed, self.rate = time.time(), -1, float("nan")
+
+  def add(self, step: int, m: dict[str, Any]) -> None:
+    """One step's host metrics; writes the window's means every ``log.every`` steps.
+
+    Throughput leaves out the run's first step (mostly compilation) and evaluation time.
+    """
+    for key, value in m.items():
+      if key.endswith("_sum") or key in ("count", "pairs"):
+        self.sums[key] += float(value)
+      elif key != "loss":
+        self.last[key] = float(value)
+    if self.timed < 0:
+      self.t_window, self.timed = time.time(), 0
+    else:
+      self.timed += 1
+    if step % self.every and step != self.steps:
+      return
+    means = dict(self.kind.summarize(self.sums), **self.last)
+    if self.timed:  # Else (a window of one step after a pause) the last rate stands.
+      self.rate = self.timed * self.tokens_per_step / (time.time() - self.t_window)
+    means["tokens_per_s"] = self.rate
+    self.writer.write(step, means, "train/")
+    shown = {k: f"{means[k]:.4f}" for k in ("loss", "kd") if k in means}
+    self.bar.set_postfix(**shown, tok_s=f"{self.rate:.0f}", refresh=False)
+    if self.quiet and self.lead:
+      log.info("link %s step %d/%d %s tok/s %.0f", self.name, step, self.steps,
+               " ".join(f"{k} {v}" for k, v in shown.items()), self.rate)
+    self.sums, self.last = defaultdict(float), {}
+    self.t_window, self.timed = time.time(), 0
+
+  def evaluated(self, step: int, evals: dict[str, float]) -> None:
+    """Writes held-out metrics; throughput restarts after the time spent evaluating."""
+    self.timed = -1
+    self.writer.write(step, evals, "eval/")
+    shown = " ".join(f"{k} {evals[k]:.4f}" for k in ("kl", "ce", "ppl") if k in evals)
+    self.bar.set_postfix_str(f"eval {shown}", refresh=False)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the step loop runs with."""
+
+  kind: LinkKind
+  teacher_params: Any
+  mesh: Any
+  manager: Any
+  reporter: Reporter
+
+
+def _run_steps(state, stop: int, loop: _Loop, config):
+  """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way."""
+  kind, reporter, pending = loop.kind, loop.reporter, None
+  for step in range(int(jax.device_get(state.step)), stop):
+    state, m = kind.step(state, loop.teacher_params, global_batch(loop.mesh, kind.batch(step), 1))
+    if pending is not None:  # Pulled one step late, so the device never waits for the host.
+      reporter.add(pending[0], jax.device_get(pending[1]))
+    pending = (step + 1, m)
+    reporter.bar.update(1)
+    if (step + 1) % config.checkpoint.every == 0:
+      checkpoint.save_state(loop.manager, state, force=True)
+    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < reporter.steps:
+      reporter.evaluated(step + 1, kind.evaluate(state.params, loop.teacher_params, loop.mesh))
+  if pending is not None:
+    reporter.add(pending[0], jax.device_get(pending[1]))
+  checkpoint.save_state(loop.manager, state, force=True)
+  loop.manager.wait_until_finished()
+  return state
+
+
+def _initial_state(student: ModelConfig, optimizer, sh, manager, start_params):
+  """The latest checkpoint of the link, else a fresh state from ``start_params()``."""
+  shapes = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract_params(student))
+  state = checkpoint.restore_latest(manager, checkpoint.abstract_with_shardings(shapes, sh))
+  if state is None:
+    placed = place_params(start_params(), sh.params, jnp.float32)
+    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=sh)(placed)
+  return state
+
+
+def _student(kind: LinkKind, entry: dict[str, Any], on_start):
+  """(config, host params or None, entry): a resumed link keeps its recorded shape."""
+  if entry.get("config") is not None and kind.run.ckpt_dir.exists():
+    s_config, fresh = ModelConfig.from_dict(entry["config"]), None
+  else:
+    s_config, fresh = kind.new_student()
+  return s_config, fresh, on_start(s_config)
+
+
+def _setup(kind: LinkKind, s_config: ModelConfig, fresh):
+  """(student, steps, mesh, optimizer, state, placed teacher params, manager) of a link."""
+  run, link = kind.run, kind.run.link
+  student, steps = compute_config(s_config, link), link_steps(link)
+  mesh = make_mesh(dict(run.config.mesh))
+  check_batch(link, run.config, mesh)
+  rules = parse_rules(run.config.get("sharding_rules"))
+  optimizer, schedule = optimizer_for(link, steps)
+  teacher = compute_config(run.t_config, link, teacher=True) if run.t_config else None
+  kind.build(student, teacher, optimizer, schedule, mesh, rules)
+  manager = checkpoint.make_checkpoint_manager(run.ckpt_dir, run.config.checkpoint.every,
+                                               run.config.checkpoint.keep)
+  state = _initial_state(student, optimizer, state_shardings(student, optimizer, mesh, rules),
+                         manager, lambda: fresh if fresh is not None else kind.new_student()[1])
+  teacher_params = None
+  if kind.uses_teacher and run.t_params is not None:
+    teacher_params = place_params(run.t_params, tree_shardings(run.t_params, mesh, rules),
+                                  jnp.dtype(teacher.dtype))
+  return steps, mesh, state, teacher_params, manager
+
+
+def _finish(kind: LinkKind, s_config, state, loop: _Loop, steps: int, entry) -> dict[str, Any]:
+  """Final evaluation, export of the student, the finished entry."""
+  run, lead = kind.run, jax.process_index() == 0
+  evals = kind.evaluate(state.params, loop.teacher_params, loop.mesh)
+  params = host_params(state.params)
+  evals.update(kind.final(s_config, params))
+  loop.reporter.evaluated(steps, evals)
+  loop.reporter.close()
+  log.info("link %s done: %s", run.link.name,
+           ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+  if lead:
+    hf_io.save_hf(s_config, params, run.out, tokenizer=kind.tokenizer(),
+                  dtype=run.config.get("export_dtype") or None, overwrite=True)
+  sync(f"export-{run.link.name}")
+  loop.manager.close()
+  return dict(entry, status="done", tokens=steps * run.tokens_per_step, steps=steps, eval=evals,
+              **kind.meta())
+
+
+def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any]:
+  """Trains ``kind.run``'s link to completion (resuming if it can); returns its entry.
+
+  ``on_start(config)`` is called once the student's shape is known and returns the entry to
+  update (the chain records the running link there).
+  """
+  run = kind.run
+  s_config, fresh, entry = _student(kind, entry, on_start)
+  steps, mesh, state, teacher_params, manager = _setup(kind, s_config, fresh)
+  if not kind.keeps_host_teacher:
+    run.t_params = None  # The host copy is no longer needed.
+  start = int(jax.device_get(state.step))
+  reporter = Reporter(run, kind, steps, start, jax.process_index() == 0)
+  log.info("link %s (%s): %s (%s params) <- %s, steps %d..%d of %d tokens each", run.link.name,
+           kind.name, s_config.family, f"{num_params(s_config):,}", run.teacher_path or "data",
+           start, steps, run.tokens_per_step)
+  stop_after = int(run.config.get("stop_after") or 0)
+  stop = steps if not stop_after else min(steps, start + stop_after)
+  loop = _Loop(kind, teacher_params, mesh, manager, reporter)
+  state = _run_steps(state, stop, loop, run.config)
+  if stop < steps:  # This run's step budget (stop_after) is spent: the link stays "running".
+    log.info("link %s: stopping at step %d of %d (stop_after); run again to resume",
+             run.link.name, stop, steps)
+    reporter.close()
+    manager.close()
+    return dict(entry, tokens=stop * run.tokens_per_step, steps=stop)
+  return _finish(kind, s_config, state, loop, steps, entry)
