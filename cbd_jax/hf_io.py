@@ -170,7 +170,8 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, token
   tensors = convert.to_hf_tensors(config, params)
   if dtype is not None:
     dtype = _np_dtype(dtype)
-    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    with np.errstate(over="ignore"):  # An overflow becomes inf, refused just below by name.
+      tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   _check_weights(tensors, out_dir)
   first = next(iter(tensors.values()))
   try:

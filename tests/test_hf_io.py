@@ -256,3 +256,137 @@ def test_real_smollm2_gguf_matches_transformers():
   ref = torch_logits(hf, ids)
   np.testing.assert_allclose(ours_logits, ref, atol=1e-3, rtol=0)
   np.testing.assert_array_equal(ours_logits.argmax(-1), ref.argmax(-1))
+
+
+# --- Reliability: damaged files, odd dtypes, and exports that cannot be half-written. ----------
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                   head_dim=16, intermediate_size=64)
+
+
+def test_config_json_that_is_a_list_or_not_json(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  (folder / "config.json").write_text("[1, 2]")
+  with pytest.raises(ConfigError) as e:
+    cbd_jax.load_hf(folder)
+  assert str(e.value) == (f"{folder / 'config.json'}: holds a JSON list, not an object of model "
+                          "fields (model_type, hidden_size, ...); restore the model's own "
+                          "config.json")
+  (folder / "config.json").write_text('{"model_type": "llama",')
+  _one_line_error(ConfigError, lambda: cbd_jax.load_hf(folder), "config.json", "not valid JSON")
+
+
+def test_safetensors_header_that_is_a_list(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  blob = b"[1, 2, 3]"
+  (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)
+  _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder), "model.safetensors",
+                  "corrupt safetensors header (a JSON list, not an object of tensors)",
+                  "rerun the command that wrote it")
+  bad = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}'
+  (folder / "model.safetensors").write_bytes(len(bad).to_bytes(8, "little") + bad)
+  _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder), "tensor 'w' has no valid")
+
+
+def test_truncated_safetensors_names_file_tensor_and_sizes(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  blob = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(blob[:-1])
+  with pytest.raises(CheckpointError) as e:
+    cbd_jax.load_hf(folder)
+  n = int.from_bytes(blob[:8], "little")
+  header = json.loads(blob[8:8 + n])
+  last = max((k for k in header if k != "__metadata__"),
+             key=lambda k: header[k]["data_offsets"][1])
+  begin, end = header[last]["data_offsets"]
+  assert str(e.value).startswith(
+      f"{folder / 'model.safetensors'}: truncated: the file has {len(blob) - 1} bytes, its header "
+      f"needs {len(blob)}; tensor {last!r} (bytes {begin}..{end} of the data section) is cut off "
+      f"at byte {end - 1}; the file is damaged")
+  assert "re-download" not in str(e.value)
+
+
+def test_int_embedding_is_refused_by_name(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  tensors = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
+  tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].astype(np.int32)
+  write_safetensors(folder / "model.safetensors", tensors)
+  _one_line_error(convert.ConversionError, lambda: cbd_jax.load_hf(folder),
+                  "'model.embed_tokens.weight' has dtype int32", "must be floating point")
+
+
+def test_unknown_dtype_lists_the_valid_ones(tmp_path, saved_llama):
+  valid = "use one of the valid dtypes: float32, bfloat16, float16"
+  _one_line_error(ValueError, lambda: cbd_jax.load_hf(saved_llama, dtype="foo"),
+                  "dtype='foo' is not a valid dtype", valid)
+  params = cbd_jax.init_params(TINY, jax.random.key(0))
+  _one_line_error(ValueError, lambda: cbd_jax.save_hf(TINY, params, tmp_path / "o", dtype="foo"),
+                  "dtype='foo'", valid)
+  _one_line_error(ValueError, lambda: TINY.replace(dtype="foo"), "ModelConfig.dtype='foo'", valid)
+  assert not (tmp_path / "o").exists()
+  assert cbd_jax.load_hf(saved_llama, dtype=ml_dtypes.bfloat16)[1]["embed"]["embedding"].dtype \
+      == jax.numpy.bfloat16
+
+
+def test_save_hf_refuses_non_finite_and_int_weights(tmp_path):
+  params = jax.tree.map(np.array, cbd_jax.init_params(TINY, jax.random.key(0)))
+  params["layers"]["mlp"]["up"]["weight"][1, 3, 5] = np.nan
+  params["layers"]["mlp"]["up"]["weight"][1, 4, 5] = np.inf
+  with pytest.raises(ValueError) as e:
+    cbd_jax.save_hf(TINY, params, tmp_path / "nan")
+  assert str(e.value).startswith(f"{tmp_path / 'nan'}: not written: tensor "
+                                 "'model.layers.1.mlp.up_proj.weight' holds 2 NaN or inf values "
+                                 "of 2,048; the weights diverged")
+  params["layers"]["mlp"]["up"]["weight"][1] = 1e5  # Finite, but not in float16.
+  _one_line_error(ValueError, lambda: cbd_jax.save_hf(TINY, params, tmp_path / "f16",
+                                                      dtype="float16"),
+                  "'model.layers.1.mlp.up_proj.weight' holds 2,048 NaN or inf")
+  cbd_jax.save_hf(TINY, params, tmp_path / "f32")  # The same weights fit float32.
+  params["final_norm"]["scale"] = np.ones(32, np.int32)
+  _one_line_error(ValueError, lambda: cbd_jax.save_hf(TINY, params, tmp_path / "int"),
+                  "'model.norm.weight' has dtype int32")
+  assert sorted(os.listdir(tmp_path)) == ["f32"]  # Nothing else written, not even a temp folder.
+
+
+def test_save_hf_destination_that_is_a_file(tmp_path):
+  params = cbd_jax.init_params(TINY, jax.random.key(0))
+  (tmp_path / "file").write_text("x")
+  _one_line_error(FileExistsError, lambda: cbd_jax.save_hf(TINY, params, tmp_path / "file"),
+                  f"{tmp_path / 'file'}: is a file, not a folder")
+  _one_line_error(FileExistsError, lambda: cbd_jax.save_hf(TINY, params, tmp_path / "file" / "m"),
+                  f"{tmp_path / 'file'} is a file, not a folder")
+  assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644),
+                                                            (0o077, 0o700, 0o600)])
+def test_exported_folders_follow_the_umask(tmp_path, umask, folder_mode, file_mode):
+  params = cbd_jax.init_params(TINY, jax.random.key(0))
+  old = os.umask(umask)
+  try:
+    out = cbd_jax.save_hf(TINY, params, tmp_path / "deep" / "m", tokenizer=_word_tokenizer(64))
+  finally:
+    os.umask(old)
+  assert (out.stat().st_mode & 0o777) == folder_mode
+  assert ((tmp_path / "deep").stat().st_mode & 0o777) == folder_mode
+  for f in out.iterdir():
+    assert (f.stat().st_mode & 0o777) == file_mode, f.name
+
+
+def test_leftovers_of_dead_exports_are_removed_live_ones_kept(tmp_path):
+  import socket
+  import subprocess
+  import sys
+
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  host = socket.gethostname()
+  stale = tmp_path / f".anchor1.partial-{host}-{dead}-0123abcd"
+  live = tmp_path / f".anchor2.partial-{host}-{os.getpid()}-0123abcd"
+  other_host = tmp_path / f".anchor3.partial-elsewhere-{dead}-0123abcd"
+  for d in (stale, live, other_host):
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"partial")
+  cbd_jax.save_hf(TINY, cbd_jax.init_params(TINY, jax.random.key(0)), tmp_path / "m")
+  assert not stale.exists() and live.exists() and other_host.exists()
+  assert (tmp_path / "m" / "config.json").exists()
