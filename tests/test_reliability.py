@@ -110,3 +110,148 @@ def test_run_maps_faults_to_exit_codes(capsys):
   with pytest.raises(SystemExit) as e:
     cli.run(lambda args: 0 if args == ["a"] else 3, ["a", "--debug"])
   assert e.value.code == 0  # --debug is taken out of the arguments.
+
+
+# --- Exports: killed, disk full, permission denied; damaged checkpoints on the command line. ----
+
+CHILD = """
+import os, sys, time
+import jax
+from cbd_jax import cli, hf_io, model
+from cbd_jax.config import ModelConfig
+
+CONFIG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16, intermediate_size=128)
+
+
+def main(args):
+  mode, path = args
+  if mode == "load":
+    hf_io.load_hf(path)
+    return 0
+  if mode == "hang":  # Fault injection: stop inside the export, after the weights are written.
+    real = hf_io.save_sharded
+    def written_then_wait(*a):
+      names = real(*a)
+      print("written", flush=True)
+      time.sleep(120)
+      return names
+    hf_io.save_sharded = written_then_wait
+  hf_io.save_hf(CONFIG, model.init_params(CONFIG, jax.random.key(0)), path)
+  return 0
+
+
+cli.run(main)
+"""
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory):
+  """A script that exports (or loads) a tiny model through cli.run, as a launch script does."""
+  path = tmp_path_factory.mktemp("child") / "child.py"
+  path.write_text(CHILD)
+  return str(path)
+
+
+def _works(*prefix) -> bool:
+  """Whether a command prefix (unshare ...) runs here."""
+  try:
+    return subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+
+
+def test_kill_9_during_export_leaves_nothing_and_the_next_export_cleans_up(tmp_path, child):
+  import signal
+
+  import jax
+
+  from cbd_jax import hf_io, model
+  from cbd_jax.config import ModelConfig
+
+  out = tmp_path / "anchor"
+  proc = subprocess.Popen([sys.executable, child, "hang", str(out)], stdout=subprocess.PIPE,
+                          text=True, cwd=ROOT)
+  try:
+    assert proc.stdout.readline().strip() == "written"
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  partial = [p.name for p in tmp_path.iterdir()]
+  assert not out.exists() and len(partial) == 1 and partial[0].startswith(".anchor.partial-")
+  assert (tmp_path / partial[0] / "model.safetensors").exists()  # Killed after the weights.
+  tiny = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                     head_dim=16, intermediate_size=64)
+  hf_io.save_hf(tiny, model.init_params(tiny, jax.random.key(1)), tmp_path / "next")
+  assert [p.name for p in tmp_path.iterdir()] == ["next"]
+  assert hf_io.load_hf(tmp_path / "next")[0] == tiny
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, child):
+  prefix = ["unshare", "-Urm"]
+  if not _works(*prefix):
+    pytest.skip("cannot mount a small tmpfs here (unshare -Urm is not permitted)")
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  script = (f'mount -t tmpfs -o size=64k tmpfs {disk} && "{sys.executable}" {child} export '
+            f'{disk}/out; code=$?; echo "left: $(ls -A {disk})"; exit $code')
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  env.pop("CBD_DEBUG", None)
+  out = subprocess.run([*prefix, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      f"error: {disk}/out: no space left on device (nothing was written); free some space or "
+      "choose a folder on another disk"]
+  assert out.stdout.strip() == "left:"
+
+
+def test_permission_denied_is_one_line(tmp_path, child):
+  prefix = []
+  if os.geteuid() == 0:  # Root writes anywhere; in a user namespace it is an ordinary owner.
+    prefix = ["unshare", "-U"]
+    if not _works(*prefix):
+      pytest.skip("running as root and unshare -U is not permitted: no way to be denied")
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o555)
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  env.pop("CBD_DEBUG", None)
+  out = subprocess.run([*prefix, sys.executable, child, "export", str(locked / "m")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+  locked.chmod(0o755)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      f"error: {locked}/m: permission denied (nothing was written); check the permissions or "
+      "choose a folder you can write to"]
+  assert os.listdir(locked) == []
+
+
+def _damaged_model(folder: Path, kind: str) -> Path:
+  """A saved tiny model with its config.json or weights damaged in one way."""
+  import jax
+
+  from cbd_jax import hf_io, model
+  from cbd_jax.config import ModelConfig
+
+  tiny = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                     head_dim=16, intermediate_size=64)
+  hf_io.save_hf(tiny, model.init_params(tiny, jax.random.key(0)), folder)
+  weights = folder / "model.safetensors"
+  if kind == "config_list":
+    (folder / "config.json").write_text('["llama"]')
+  elif kind == "header_list":
+    weights.write_bytes((2).to_bytes(8, "little") + b"[]")
+  else:
+    weights.write_bytes(weights.read_bytes()[:-100])
+  return folder
+
+
+@pytest.mark.parametrize("kind, start", [
+    ("config_list", "config.json: holds a JSON list, not an object of model fields"),
+    ("truncated", "model.safetensors: truncated: the file has "),
+])
+def test_damaged_checkpoint_is_one_line(tmp_path, child, kind, start):
+  folder = _damaged_model(tmp_path / "m", kind)
+  line = _one_line_error(child, "load", str(folder))
+  assert line.startswith(f"error: {folder}/{start}"), line
