@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 DTYPES = ("float32", "bfloat16", "float16")  # Compute and storage dtypes of weights.
 
@@ -121,3 +123,37 @@ def num_params(config: ModelConfig) -> int:
   if config.is_gpt2:
     total += config.max_position_embeddings * d
   return total
+
+
+def _concrete(x) -> np.ndarray | None:
+  """``x`` as a host array; None when absent, traced under jit, or not all on this host."""
+  if x is None:
+    return None
+  import jax
+
+  if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return None
+  return np.asarray(x)
+
+
+def check_ids(config: ModelConfig, ids, positions=None, new_tokens: int = 0) -> None:
+  """Host-side input check: a one-line ValueError for a token id outside [0, vocab_size), or a
+  GPT-2 sequence (plus ``new_tokens`` to generate) past its learned positions. Traced ids pass."""
+  ids = _concrete(ids)
+  if ids is None:
+    return
+  if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+    where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= config.vocab_size))[0])
+    raise ValueError(f"token id {int(ids[where])} at index {list(where)} is outside the model's "
+                     f"vocabulary [0, {config.vocab_size}); encode the text with this model's "
+                     "own tokenizer (one whose size is at most the vocabulary)")
+  if not config.is_gpt2:
+    return
+  pos = _concrete(positions)
+  length = (ids.shape[-1] if pos is None or not pos.size else int(pos.max()) + 1) + new_tokens
+  if length > config.max_position_embeddings:
+    extra = f" ({new_tokens} of them to generate)" if new_tokens else ""
+    raise ValueError(f"a sequence of {length} tokens{extra} is longer than this GPT-2 model's "
+                     f"{config.max_position_embeddings} learned positions "
+                     f"(max_position_embeddings); cut it to at most "
+                     f"{config.max_position_embeddings} tokens")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbd_jax.config import ModelConfig
+from cbd_jax.config import ModelConfig, check_ids
 
 Params = dict[str, Any]
 _INIT_STD = 0.02
@@ -296,9 +296,16 @@ def logits_from_hidden(config: ModelConfig, params: Params, hidden_BxTxD) -> jax
                     preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def forward(config: ModelConfig, params: Params, ids_BxT, attention_mask=None,
             positions=None) -> jax.Array:
-  """Logits [B, T, V] (fp32) for token ids [B, T]; compiled once per config and shape."""
+  """Logits [B, T, V] (fp32) for token ids [B, T]; concrete ids are checked on the host first."""
+  check_ids(config, ids_BxT, positions)
+  return _forward(config, params, ids_BxT, attention_mask, positions)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config: ModelConfig, params: Params, ids_BxT, attention_mask=None,
+             positions=None) -> jax.Array:
+  """`forward`, compiled once per config and shape."""
   hidden, _ = apply_hidden(config, params, ids_BxT, attention_mask, positions)
   return logits_from_hidden(config, params, hidden)
