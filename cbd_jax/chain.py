@@ -19,7 +19,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from cbd_jax import bridge_link, data, hf_io, losses, manifest, metrics, resize, source
+from cbd_jax import (
+  bridge_link,
+  data,
+  hf_io,
+  hidden_bridge,
+  losses,
+  manifest,
+  metrics,
+  resize,
+  source,
+)
 from cbd_jax.config import ModelConfig
 from cbd_jax.link_driver import (  # noqa: F401  (global_batch, host_params: the chain's API)
   LinkKind,
@@ -62,12 +72,24 @@ def check_config(config) -> None:
     elif not link.get("init") and not any(dict(link.shape).values()):
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
     losses.check_kind(link.loss.kind)
+    _check_hidden(link.loss, where)
     link_steps(link)
     for key in ("batch_size", "microbatches", "seq_len"):
       if int(link[key]) < 1:
         raise ValueError(f"{where}: {key} must be >= 1")
   if config.checkpoint.every < 1:
     raise ValueError("config.checkpoint.every must be >= 1")
+
+
+def _check_hidden(loss, where: str) -> None:
+  """Hidden-state distillation settings (``loss.hidden_*``, ``loss.projector``) are known ones."""
+  if not loss.get("hidden_weight"):
+    return
+  allowed = {"hidden_kind": hidden_bridge.HIDDEN_LOSSES, "hidden_layers": ("uniform", "last"),
+             "projector": ("identity", "orthogonal")}
+  for key, values in allowed.items():
+    if loss.get(key) is not None and loss[key] not in values:
+      raise ValueError(f"{where}: loss.{key}={loss[key]!r}; use one of {values}")
 
 
 def is_bridged(link) -> bool:
@@ -149,9 +171,13 @@ class KDLink(LinkKind):
     return evaluate_kd(self.eval_step, params, teacher_params, self.evals, mesh)
 
   def summarize(self, sums):
-    count = max(sums["count"], 1.0)
-    kd, ce = sums["kd_sum"] / count, sums["ce_sum"] / count
-    return {"loss": self.loss.kd_weight * kd + self.loss.ce_weight * ce, "kd": kd, "ce": ce}
+    count, loss = max(sums["count"], 1.0), self.loss
+    out = {"kd": sums["kd_sum"] / count, "ce": sums["ce_sum"] / count}
+    out["loss"] = loss.kd_weight * out["kd"] + loss.ce_weight * out["ce"]
+    if "hidden_sum" in sums:
+      out["hidden"] = sums["hidden_sum"] / count
+      out["loss"] += loss.hidden_weight * out["hidden"]
+    return out
 
 
 def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_path: str,

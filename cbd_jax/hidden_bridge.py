@@ -8,7 +8,10 @@ Initialisations (``init_projector``):
               Gaussian matrix; b = 0. Growing preserves norms: |P(x)| = |x|.
   lstsq       W, b = argmin sum_n |W x_n + b - y_n|^2 + ridge * |W|^2 fitted on paired activations
               x [N, d_in], y [N, d_out] (e.g. student and teacher hidden states on the same tokens).
-The same W serves as a width map for Shrink/Grow (see ``cbd_jax.resize``).
+In a link (``loss.hidden_weight`` > 0, `cbd_jax.train_step`), the projector is fixed for the
+whole link (``link_projector``: identity or seeded orthogonal), not trained; ``lstsq`` is for
+analysis on paired activations. ``cbd_jax.resize`` does not use it: Shrink and Grow select and
+copy units (see ``resize.width_map``).
 
 Hidden losses compare the projected student state with the teacher state per token, teacher
 without gradient: mse = mean_d (P(s) - t)^2, cosine = 1 - <P(s), t> / (|P(s)| |t|); reductions
@@ -45,6 +48,17 @@ def init_projector(d_in: int, d_out: int, init: str = "identity", rng: jax.Array
   if x_NxDin is None or y_NxDout is None:
     raise ValueError("init='lstsq' needs paired activations x_NxDin and y_NxDout")
   return fit_projector(x_NxDin, y_NxDout, ridge)
+
+
+def link_projector(d_student: int, d_teacher: int, init: str = "identity",
+                   seed: int = 0) -> dict | None:
+  """The fixed student -> teacher projector of a link (None: identity of equal widths)."""
+  if init not in ("identity", "orthogonal"):
+    raise ValueError(f"loss.projector={init!r}: a link uses 'identity' or 'orthogonal' (lstsq "
+                     "needs paired activations)")
+  if init == "identity" and d_student == d_teacher:
+    return None
+  return init_projector(d_student, d_teacher, init, jax.random.key(seed))
 
 
 def fit_projector(x_NxDin, y_NxDout, ridge: float = 0.0) -> dict:

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import model, step_core
+from cbd_jax import hidden_bridge, model, step_core
 from cbd_jax.config import ModelConfig
 from cbd_jax.fused_loss import fused_cross_entropy, fused_distill_loss, fused_kd_loss
 from cbd_jax.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
@@ -34,13 +34,19 @@ Batch = dict[str, jax.Array]  # ids, labels, mask: [M, B, T] (M microbatches)
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-  """KD kind and temperature (see ``cbd_jax.losses``), the KD/CE mix and the fused chunk size."""
+  """KD kind and temperature (see ``cbd_jax.losses``), the KD/CE mix, the fused chunk size, and
+  hidden-state distillation (``hidden_weight`` > 0; see ``cbd_jax.hidden_bridge``)."""
 
   kind: str = "fkl"
   temperature: float = 1.0
   kd_weight: float = 1.0
   ce_weight: float = 0.0
   chunk_size: int = 1024
+  hidden_weight: float = 0.0
+  hidden_kind: str = "mse"          # "mse" or "cosine"
+  hidden_layers: str = "uniform"    # Layer map: "uniform" or "last".
+  projector: str = "identity"       # Student -> teacher width: "identity" or "orthogonal".
+  projector_seed: int = 0
 
 
 def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
@@ -124,14 +130,29 @@ def _check_link(student: ModelConfig, teacher: ModelConfig):
                      f"({teacher.vocab_limit}); such a link needs a vocabulary bridge")
 
 
+def _hidden_term(student: ModelConfig, s_layers, t_layers, hidden, mask):
+  """The student's per-layer states against the mapped teacher states: sum over tokens of the
+  mean over the student's L + 1 states (so its token mean is a per-state mean)."""
+  layers, projector, kind = hidden
+  total, _ = hidden_bridge.layered_hidden_loss_sum(s_layers, t_layers, layers, projector, kind,
+                                                   mask)
+  return total / (student.num_layers + 1)
+
+
 def _microbatch_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,
-                     params: Params, teacher_params: Params, mb: Batch, total_count):
-  """(objective / total_count, {kd_sum, ce_sum, count}) for one microbatch."""
+                     params: Params, teacher_params: Params, mb: Batch, total_count,
+                     hidden=None):
+  """(objective / total_count, {kd_sum, ce_sum, count[, hidden_sum]}) for one microbatch.
+
+  ``hidden`` = (layer map, projector, loss kind) turns on the hidden-state term.
+  """
   s_params = compute_params(student, params)
-  t_hidden, _ = model.apply_hidden(teacher, teacher_params, mb["ids"])
+  t_hidden, t_layers = model.apply_hidden(teacher, teacher_params, mb["ids"],
+                                          output_hidden=hidden is not None)
   t_hidden = jax.lax.stop_gradient(t_hidden)
   t_head = jax.lax.stop_gradient(model.head_weight(teacher, teacher_params))
-  s_hidden, _ = model.apply_hidden(student, s_params, mb["ids"])
+  s_hidden, s_layers = model.apply_hidden(student, s_params, mb["ids"],
+                                          output_hidden=hidden is not None)
   s_head = model.head_weight(student, s_params)
   mask = mb["mask"].astype(jnp.float32)
   s_head, t_head = _common_vocab(s_head, t_head)
@@ -140,8 +161,22 @@ def _microbatch_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSetti
       s_hidden, s_head, t_hidden, t_head, labels, kind=loss.kind, temperature=loss.temperature,
       mask=mask, vocab_limit=student.vocab_limit, kd_weight=loss.kd_weight,
       ce_weight=loss.ce_weight, chunk_size=loss.chunk_size)
-  return objective / total_count, {"kd_sum": sums["kd_sum"], "ce_sum": sums["ce_sum"],
-                                   "count": jnp.sum(mask)}
+  out = {"kd_sum": sums["kd_sum"], "ce_sum": sums["ce_sum"], "count": jnp.sum(mask)}
+  if hidden is not None:
+    h_sum = _hidden_term(student, s_layers, jax.lax.stop_gradient(t_layers), hidden, mask)
+    objective = objective + loss.hidden_weight * h_sum
+    out["hidden_sum"] = jax.lax.stop_gradient(h_sum)
+  return objective / total_count, out
+
+
+def hidden_setup(student: ModelConfig, teacher: ModelConfig, loss: LossSettings):
+  """(layer map, projector, kind) of a link with hidden-state distillation, else None."""
+  if not loss.hidden_weight:
+    return None
+  layers = hidden_bridge.layer_map(student.num_layers, teacher.num_layers, loss.hidden_layers)
+  projector = hidden_bridge.link_projector(student.hidden_size, teacher.hidden_size,
+                                           loss.projector, loss.projector_seed)
+  return layers, projector, loss.hidden_kind
 
 
 def make_train_step(student: ModelConfig, teacher: ModelConfig, optimizer, loss: LossSettings,
@@ -151,19 +186,21 @@ def make_train_step(student: ModelConfig, teacher: ModelConfig, optimizer, loss:
 
   ``batch`` holds ids, labels and mask of shape [M, B, T] (M microbatches of B sequences);
   ``teacher_params`` should already be in the teacher's compute dtype. The state is donated.
-  Metrics are token sums and counts (``kd_sum``, ``ce_sum``, ``count``), ``loss`` (the mean
-  objective), ``grad_norm`` and ``lr``.
+  Metrics are token sums and counts (``kd_sum``, ``ce_sum``, ``count``; ``hidden_sum`` with
+  hidden-state distillation), ``loss`` (the mean objective), ``grad_norm`` and ``lr``.
   """
   _check_link(student, teacher)
+  hidden = hidden_setup(student, teacher, loss)
 
   def objective(params, teacher_params, mb, total):
-    return _microbatch_sums(student, teacher, loss, params, teacher_params, mb, total)
+    return _microbatch_sums(student, teacher, loss, params, teacher_params, mb, total, hidden)
 
   def totals(batch):
     return jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
 
   def mean_loss(sums, total):
-    return (loss.kd_weight * sums["kd_sum"] + loss.ce_weight * sums["ce_sum"]) / total
+    h = loss.hidden_weight * sums["hidden_sum"] if hidden is not None else 0.0
+    return (loss.kd_weight * sums["kd_sum"] + loss.ce_weight * sums["ce_sum"] + h) / total
 
   return step_core.make_step(
       objective, totals, mean_loss, optimizer, state_shardings(student, optimizer, mesh, rules),

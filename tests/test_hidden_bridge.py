@@ -133,3 +133,52 @@ def test_bad_arguments_raise_one_line_errors():
     hidden_bridge.init_projector(4, 4, "lstsq")
   with pytest.raises(ValueError, match="hidden size to the teacher"):
     hidden_bridge.hidden_loss_sum(_x((2, 3, 4)), _x((2, 3, 5)))
+
+
+TEACHER_CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=2,
+                          num_kv_heads=1, head_dim=16, intermediate_size=64)
+
+
+def _hidden_distance(student, s_params, teacher, t_params, ids, loss):
+  """Mean over tokens and student states of the hidden loss, computed directly (no step)."""
+  from cbd_jax.train_step import hidden_setup
+
+  layers, projector, kind = hidden_setup(student, teacher, loss)
+  _, s = model.apply_hidden(student, s_params, ids, output_hidden=True)
+  _, t = model.apply_hidden(teacher, t_params, ids, output_hidden=True)
+  total, count = hidden_bridge.layered_hidden_loss_sum(s, t, layers, projector, kind)
+  return float(total) / float(count)
+
+
+@pytest.mark.parametrize(("width", "projector"), [(32, "identity"), (24, "orthogonal")])
+def test_hidden_distillation_moves_student_states_toward_the_teacher(width, projector):
+  from cbd_jax.sharding import make_mesh
+  from cbd_jax.source import init_host_params
+  from cbd_jax.train_step import LossSettings, make_init_state, make_optimizer, make_train_step
+
+  student = TEACHER_CFG.replace(hidden_size=width, num_layers=2, head_dim=width // 2)
+  teacher_params = init_host_params(TEACHER_CFG, 1)
+  tokens = np.random.default_rng(0).integers(0, 64, (1, 8, 17)).astype(np.int32)
+  batch = {"ids": tokens[..., :-1], "labels": tokens[..., 1:],
+           "mask": np.ones((1, 8, 16), np.float32)}
+  ids = batch["ids"][0]
+  probe = LossSettings(hidden_weight=1.0, projector=projector)
+  start = _hidden_distance(student, init_host_params(student, 2), TEACHER_CFG, teacher_params,
+                           ids, probe)
+  mesh = make_mesh({"data": 1}, jax.devices()[:1])
+  opt, _ = make_optimizer(lr=3e-3, total_steps=30, grad_clip=0.0)
+  after = {}
+  for weight in (0.0, 1.0):  # Logit KD alone, then hidden-state distillation alone.
+    loss = LossSettings(kd_weight=1.0 - weight, hidden_weight=weight, projector=projector,
+                        chunk_size=64)
+    state = make_init_state(student, opt, mesh)(init_host_params(student, 2))
+    step = make_train_step(student, TEACHER_CFG, opt, loss, mesh)
+    for i in range(30):
+      state, m = step(state, teacher_params, batch)
+      if weight and i == 0:  # The step's hidden term is the directly computed distance.
+        np.testing.assert_allclose(float(m["hidden_sum"]) / float(m["count"]), start,
+                                   rtol=1e-5)
+    after[weight] = _hidden_distance(student, jax.device_get(state.params), TEACHER_CFG,
+                                     teacher_params, ids, probe)
+  print(f"hidden distance: start {start:.3e}, logit KD {after[0.0]:.3e}, hidden {after[1.0]:.3e}")
+  assert after[1.0] < 0.5 * start and after[1.0] < 0.5 * after[0.0]
