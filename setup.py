@@ -31,7 +31,10 @@ setup(
         # libtpu (via jax[tpu], pinned by jax to its own version) lets any Linux machine compile
         # the train step for a TPU topology (launch/aot_compile.py); tests use it too.
         "dev": ["torch==2.13.0", "accelerate>=1.0", "pytest>=8", "matplotlib", "ruff",
-                "jax[tpu]; sys_platform == 'linux'"],
+                "jax[tpu]; sys_platform == 'linux'", "lm-eval[hf]==0.4.13"],
         "tpu": ["jax[tpu]"],
+        # Standard-task evaluation (launch/evaluate.py): lm-evaluation-harness, JAX backend.
+        "eval": ["lm-eval==0.4.13"],
     },
+    package_data={"cbd_jax.lm_tasks": ["*.yaml"]},  # Local lm-eval tasks.
 )
