@@ -48,14 +48,64 @@ def save(workdir: Path, doc: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _invalid(path: Path, what: str) -> ValueError:
+  return ValueError(f"{path}: {what}; it is not a chain manifest written by launch/train_chain.py "
+                    "(repair it, or rebuild the chain in a new workdir)")
+
+
+def _check_entry(path: Path, entry: Any, where: str) -> None:
+  """An anchor or source entry has its fields; a finished one also its config and size."""
+  if not isinstance(entry, dict):
+    raise _invalid(path, f"{where} is a {type(entry).__name__}, not an object")
+  needed = ["path", "config", "num_params"] if where == "source" else ["name", "path", "status"]
+  if where == "source" or entry.get("status") == "done":
+    needed += ["config", "num_params"]
+  missing = sorted({k for k in needed if entry.get(k) is None})
+  if missing:
+    raise _invalid(path, f"{where} lacks {', '.join(missing)}")
+  if entry.get("config") is not None and not isinstance(entry["config"], dict):
+    raise _invalid(path, f"{where}.config is not an object")
+
+
+def validate(doc: Any, path: Path) -> dict[str, Any]:
+  """``doc`` if it has the manifest's shape (module docstring), else a one-line ValueError."""
+  if not isinstance(doc, dict) or not doc:
+    raise _invalid(path, f"the top level is {json.dumps(doc)[:20]}, not the manifest's object")
+  for key in ("source", "anchors"):
+    if key not in doc:
+      raise _invalid(path, f"no '{key}' field")
+  _check_entry(path, doc["source"], "source")
+  if not isinstance(doc["anchors"], list):
+    raise _invalid(path, "'anchors' is not a list")
+  for i, entry in enumerate(doc["anchors"]):
+    _check_entry(path, entry, f"anchors[{i}]")
+  return doc
+
+
 def load(workdir: Path) -> dict[str, Any] | None:
+  """The validated manifest of ``workdir``, or None when there is none yet."""
   path = Path(workdir) / MANIFEST
   if not path.exists():
     return None
   try:
-    return json.loads(path.read_text())
+    doc = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: invalid JSON ({e}); repair it or use a new workdir") from None
+  return validate(doc, path)
+
+
+def read(workdir: Path) -> dict[str, Any]:
+  """The validated manifest of a chain folder; a missing one is an error naming the fix."""
+  doc = load(workdir)
+  if doc is None:
+    raise FileNotFoundError(f"{Path(workdir) / MANIFEST} not found; build the chain first "
+                            "(python launch/train_chain.py) or pass the chain's folder")
+  return doc
+
+
+def done_anchors(doc: dict[str, Any]) -> list[dict[str, Any]]:
+  """The finished anchors of a manifest, in chain order (large to small)."""
+  return [a for a in doc["anchors"] if a["status"] == "done"]
 
 
 def load_or_create(workdir: Path, config, source_path: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cbd_jax import gguf_cache, heldout, hf_io, sizing
+from cbd_jax import gguf_cache, heldout, hf_io, manifest, sizing
 from cbd_jax.config import ModelConfig, num_params
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,7 @@ def _shape(config: ModelConfig) -> str:
 def chain_models(workdir: str | Path) -> list[dict[str, Any]]:
   """Source, finished anchors and targets of a chain, each {name, role, path, config, ...}."""
   workdir = Path(workdir)
-  manifest = workdir / "chain.json"
-  if not manifest.exists():
-    raise FileNotFoundError(f"{manifest} not found; build the chain first (python "
-                            "launch/train_chain.py) or pass --chain DIR")
-  doc = json.loads(manifest.read_text())
+  doc = manifest.read(workdir)
   source = doc["source"]
   path = source["path"]
   if path.endswith(".gguf"):  # Read through its converted folder (fast; same weights).
@@ -42,9 +38,7 @@ def chain_models(workdir: str | Path) -> list[dict[str, Any]]:
   models = [{"name": Path(source["path"]).name.removesuffix(".gguf"), "role": "source",
              "path": path, "config": source["config"], "tokens": 0, "teacher_flops": 0}]
   teacher_params = source["num_params"]
-  for anchor in doc["anchors"]:
-    if anchor.get("status") != "done":
-      continue
+  for anchor in manifest.done_anchors(doc):
     bridge = anchor.get("bridge") or {}
     flops = bridge.get("teacher_flops")
     if flops is None:  # A token-level KD link: one teacher forward per training token.

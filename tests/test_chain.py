@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cbd_jax import chain, hf_io, model, target
+from cbd_jax import chain, hf_io, manifest, model, target
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,7 +79,10 @@ def test_init_model_between_the_smoke_anchors(smoke):
   out = workdir.parent / "target"
   summary = target.init_target(64_000, chain=workdir, out=out, log=lambda _: None)
   config, _ = hf_io.load_hf_numpy(out)
-  assert 35_104 < summary["num_params"] < 94_416
+  small, large = sorted(a["num_params"] for a in manifest.done_anchors(manifest.read(workdir)))
+  assert small < 64_000 < large  # The request lies between the two anchors ...
+  assert small < summary["num_params"] < large  # ... and so does the target.
+  assert abs(summary["num_params"] - 64_000) <= 0.03 * 64_000
   assert config.vocab_size == 512 and (out / "tokenizer.json").exists()
 
 
