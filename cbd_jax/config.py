@@ -125,7 +125,7 @@ def num_params(config: ModelConfig) -> int:
   return total
 
 
-def _concrete(x) -> np.ndarray | None:
+def host_value(x) -> np.ndarray | None:
   """``x`` as a host array; None when absent, traced under jit, or not all on this host."""
   if x is None:
     return None
@@ -139,7 +139,7 @@ def _concrete(x) -> np.ndarray | None:
 def check_ids(config: ModelConfig, ids, positions=None, new_tokens: int = 0) -> None:
   """Host-side input check: a one-line ValueError for a token id outside [0, vocab_size), or a
   GPT-2 sequence (plus ``new_tokens`` to generate) past its learned positions. Traced ids pass."""
-  ids = _concrete(ids)
+  ids = host_value(ids)
   if ids is None:
     return
   if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
@@ -149,7 +149,7 @@ def check_ids(config: ModelConfig, ids, positions=None, new_tokens: int = 0) -> 
                      "own tokenizer (one whose size is at most the vocabulary)")
   if not config.is_gpt2:
     return
-  pos = _concrete(positions)
+  pos = host_value(positions)
   length = (ids.shape[-1] if pos is None or not pos.size else int(pos.max()) + 1) + new_tokens
   if length > config.max_position_embeddings:
     extra = f" ({new_tokens} of them to generate)" if new_tokens else ""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cbd_jax import model
-from cbd_jax.config import ModelConfig
+from cbd_jax.config import ModelConfig, check_ids, host_value
 
 
 def _sample(logits_BxV, rng, temperature: float, top_k: int, vocab_limit: int):
@@ -23,13 +23,24 @@ def _sample(logits_BxV, rng, temperature: float, top_k: int, vocab_limit: int):
   return jax.random.categorical(rng, logits_BxV, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k"))
 def generate(config: ModelConfig, params, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, eos_id: int = -1):
   """Continues left-padded prompts; returns (tokens [B, N], mask [B, N] of tokens before eos).
 
   The eos token itself is kept (mask 1); everything a row samples after its eos is masked out.
+  Concrete prompts are checked on the host first (ids in the vocabulary, GPT-2 length).
   """
+  mask = host_value(prompt_mask_BxP)
+  last = None if mask is None or not mask.size else mask.sum(axis=1) - 1
+  check_ids(config, prompt_BxP, last, new_tokens=max_new_tokens)
+  return _generate(config, params, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens,
+                   temperature, top_k, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k"))
+def _generate(config: ModelConfig, params, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens: int,
+              temperature: float = 1.0, top_k: int = 0, eos_id: int = -1):
+  """`generate`, compiled once per config, shape and sampling settings."""
   B, P = prompt_BxP.shape
   cache = model.init_cache(config, B, P + max_new_tokens)
   slots = jnp.concatenate([prompt_mask_BxP.astype(bool), jnp.ones((B, max_new_tokens), bool)], 1)

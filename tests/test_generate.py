@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import cbd_jax
 from cbd_jax import model
@@ -43,3 +44,23 @@ def test_prefill_logits_match_forward_and_eos_masks_the_rest():
     n_keep = int(keep[row].sum())
     assert n_keep == (hits[0] + 1 if len(hits) else 12)
     assert bool(keep[row, :n_keep].all())
+
+
+def test_prompts_are_checked_on_the_host():
+  config = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=1, num_heads=2,
+                       num_kv_heads=2, head_dim=16, intermediate_size=128, tie_embeddings=True,
+                       max_position_embeddings=16)
+  params = cbd_jax.init_params(config, jax.random.key(2))
+  prompt = jnp.array([[0, 0, 0, 5, 9, 11, 3, 4]])
+  mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+  tokens, _ = generate(config, params, prompt, mask, jax.random.key(1), 11)  # 5 + 11 = 16 fits.
+  assert tokens.shape == (1, 11) and int(tokens.max()) < 32
+  with pytest.raises(ValueError) as e:
+    generate(config, params, prompt, mask, jax.random.key(1), 12)
+  assert str(e.value) == ("a sequence of 17 tokens (12 of them to generate) is longer than this "
+                          "GPT-2 model's 16 learned positions (max_position_embeddings); cut it "
+                          "to at most 16 tokens")
+  with pytest.raises(ValueError) as e:
+    generate(config, params, prompt.at[0, 4].set(32), mask, jax.random.key(1), 4)
+  assert str(e.value).startswith("token id 32 at index [0, 4] is outside the model's vocabulary "
+                                 "[0, 32)")

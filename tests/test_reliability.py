@@ -255,3 +255,38 @@ def test_damaged_checkpoint_is_one_line(tmp_path, child, kind, start):
   folder = _damaged_model(tmp_path / "m", kind)
   line = _one_line_error(child, "load", str(folder))
   assert line.startswith(f"error: {folder}/{start}"), line
+
+
+# --- Out-of-range input to the model. ------------------------------------------------------------
+
+def test_forward_checks_ids_and_gpt2_length_on_the_host():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import cbd_jax
+  from cbd_jax.config import ModelConfig
+
+  config = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                       num_kv_heads=2, head_dim=16, intermediate_size=128, tie_embeddings=True,
+                       max_position_embeddings=8)
+  params = cbd_jax.init_params(config, jax.random.key(0))
+  assert bool(jnp.isfinite(cbd_jax.forward(config, params, np.full((2, 8), 63))).all())
+  cases = [(np.array([[1, 64]]), "token id 64 at index [0, 1] is outside the model's vocabulary "
+                                 "[0, 64)"),
+           (jnp.array([[-1, 2]]), "token id -1 at index [0, 0] is outside the model's "
+                                  "vocabulary [0, 64)"),
+           (np.zeros((1, 9), np.int32), "a sequence of 9 tokens is longer than this GPT-2 "
+                                        "model's 8 learned positions (max_position_embeddings); "
+                                        "cut it to at most 8 tokens")]
+  for ids, start in cases:
+    with pytest.raises(ValueError) as e:
+      cbd_jax.forward(config, params, ids)
+    assert str(e.value).startswith(start) and "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="a sequence of 10 tokens"):  # Positions count, not width.
+    cbd_jax.forward(config, params, np.zeros((1, 2), np.int32), positions=np.array([[0, 9]]))
+  llama = config.replace(family="llama", intermediate_size=64)  # RoPE: no position table.
+  llama_params = cbd_jax.init_params(llama, jax.random.key(0))
+  assert cbd_jax.forward(llama, llama_params, np.zeros((1, 9), np.int32)).shape == (1, 9, 64)
+  traced = jax.jit(lambda ids: cbd_jax.forward(config, params, ids))  # Tracers are not checked.
+  assert traced(jnp.array([[3, 5]])).shape == (1, 2, 64)
