@@ -37,9 +37,40 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+  """Number of TPU slices (ICI islands joined by DCN) the devices span; 1 off multi-slice TPU."""
+  return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
 def make_mesh(shape: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh with the named axes in order; one size may be -1 (it takes the remaining devices)."""
+  """A mesh with the named axes in order; one size may be -1 (it takes the remaining devices).
+
+  On devices spanning several TPU slices, ``shape`` describes one slice (ICI) and the ``data``
+  axis is multiplied by the slice count over DCN (a hybrid mesh, as MaxText's dcn_data_parallelism).
+  """
   devices = list(devices if devices is not None else jax.devices())
+  slices = num_slices(devices)
+  if slices > 1:
+    return _hybrid_mesh(shape, devices, slices)
+  names, sizes = _fill_sizes(shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(tuple(sizes), names, axis_types=auto, devices=devices)
+
+
+def _hybrid_mesh(shape: dict[str, int], devices: list, slices: int) -> Mesh:
+  """ICI mesh ``shape`` within each slice, ``data`` x slices across them (DCN)."""
+  from jax.experimental import mesh_utils
+
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")
+  names, sizes = _fill_sizes(shape, len(devices) // slices)
+  dcn = [slices if n == "data" else 1 for n in names]
+  grid = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, allow_split_physical_axes=True)
+  return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _fill_sizes(shape: dict[str, int], count: int) -> tuple[tuple[str, ...], list[int]]:
+  """(axis names, sizes) with -1 filled from ``count`` devices and absent axes set to 1."""
   names, sizes = tuple(shape), [int(s) for s in shape.values()]
   unknown = [n for n in names if n not in MESH_AXES]
   if unknown:
@@ -47,19 +78,18 @@ def make_mesh(shape: dict[str, int], devices: Sequence[Any] | None = None) -> Me
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh {shape}: at most one axis may be -1 (fill)")
   known = math.prod(s for s in sizes if s != -1)
-  if known <= 0 or len(devices) % known:
-    raise ValueError(f"mesh {shape} does not fit {len(devices)} devices; make the product of the "
+  if known <= 0 or count % known:
+    raise ValueError(f"mesh {shape} does not fit {count} devices; make the product of the "
                      "fixed sizes divide the device count")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
+  sizes = [count // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != count:
     used = dict(zip(names, sizes, strict=True))
-    raise ValueError(f"mesh {used} uses {math.prod(sizes)} devices but {len(devices)} are "
+    raise ValueError(f"mesh {used} uses {math.prod(sizes)} devices but {count} are "
                      "present; set one axis to -1")
   for axis in MESH_AXES:  # Every rule may name every axis, so missing ones get size 1.
     if axis not in names:
       names, sizes = names + (axis,), sizes + [1]
-  auto = (jax.sharding.AxisType.Auto,) * len(names)
-  return jax.make_mesh(tuple(sizes), names, axis_types=auto, devices=devices)
+  return names, sizes
 
 
 def path_str(path) -> str:
@@ -120,6 +150,29 @@ def batch_spec(ndim: int, leading: int = 0) -> P:
 def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
   """Sharding of a batch array whose axis ``leading`` is the example axis."""
   return NamedSharding(mesh, batch_spec(ndim, leading))
+
+
+def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
+  """``x`` with axis ``batch_dim`` split over (data, fsdp) of the mesh being traced under.
+
+  MaxText's activation rule: activations stay sharded by example under every mesh, so FSDP
+  gathers weights, never the batch. Other axes are left to XLA (e.g. heads over ``tensor``).
+  A no-op outside ``jax.set_mesh`` or when the batch axes do not divide the dimension.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  fitted = _fit_spec(batch_spec(batch_dim + 1, batch_dim), x.shape[:batch_dim + 1], mesh)
+  if not any(fitted):
+    return x
+  entries = [P.UNCONSTRAINED] * x.ndim
+  entries[batch_dim] = fitted[batch_dim]
+  return jax.lax.with_sharding_constraint(x, P(*entries))
+
+
+def heads_spec(shape: tuple[int, ...], mesh) -> P:
+  """[B, T, H, hd] activations: examples over (data, fsdp), heads over ``tensor``, fitted."""
+  return _fit_spec(P(BATCH_AXES, None, "tensor", None), tuple(shape), mesh)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

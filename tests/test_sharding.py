@@ -1,12 +1,21 @@
 """Mesh construction and name-based sharding rules."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from cbd_jax.config import ModelConfig
-from cbd_jax.sharding import batch_sharding, make_mesh, parse_rules, spec_for, tree_shardings
+from cbd_jax.sharding import (
+  batch_sharding,
+  constrain_batch,
+  make_mesh,
+  parse_rules,
+  spec_for,
+  tree_shardings,
+)
 from cbd_jax.train_step import abstract_params
 
 CONFIG = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
@@ -55,3 +64,26 @@ def test_parse_rules_and_batch_sharding():
   assert spec_for("layers/mlp/up/weight", (2, 64, 32), mesh, rules) == P(None, ("fsdp", "tensor"))
   assert spec_for("embed/embedding", (128, 32), mesh, rules) == P()
   assert batch_sharding(mesh, ndim=3, leading=1).spec == P(None, ("data", "fsdp"), None)
+
+
+def test_constrain_batch_splits_the_batch_axis_only_under_a_mesh():
+  x = jnp.ones((3, 8, 4))
+  f = jax.jit(lambda a: constrain_batch(a * 2, 1))
+  assert f(x).sharding.is_fully_replicated  # No mesh: a no-op.
+  with jax.set_mesh(make_mesh({"data": 2, "fsdp": 4})):
+    assert f(x).sharding.spec == P(None, ("data", "fsdp"))
+    # Six rows split over data (2) but not also over fsdp (4): fsdp is dropped.
+    assert f(jnp.ones((3, 6, 4))).sharding.spec == P(None, "data")
+
+
+def test_step_with_activation_rules_equals_single_device():
+  """Traced under the mesh, the model and loss constrain activations: numerics must not change."""
+  from test_train_step import _assert_params_close, _batches, _reference, _run
+
+  p1, h1 = _reference()
+  mesh = make_mesh({"data": 2, "fsdp": 4})
+  with jax.set_mesh(mesh):
+    p8, h8 = _run(mesh, _batches(0, 2, 2, 8, 16))
+  for a, b in zip(h1, h8, strict=True):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  _assert_params_close(p1, p8)
