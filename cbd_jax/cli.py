@@ -13,6 +13,7 @@ an unknown variant, an unknown field (with the closest name), an index out of ra
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import errno
@@ -72,6 +73,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   args = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(args)
   args = [a for a in args if a != "--debug"]
+  plain_error, argparse.ArgumentParser.error = argparse.ArgumentParser.error, _argparse_error
   try:
     code = main(args)
   except KeyboardInterrupt:
@@ -88,7 +90,14 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     if _user_fault(e):
       _fail(f"error: {one_line(e)}", EXIT_USAGE)
     _fail(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", 1)
+  finally:
+    argparse.ArgumentParser.error = plain_error
   sys.exit(code or 0)
+
+
+def _argparse_error(self: argparse.ArgumentParser, message: str) -> None:
+  """argparse's usage error as one line (the usage itself is in --help)."""
+  self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
 def _fail(message: str, code: int) -> None:

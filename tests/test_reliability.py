@@ -67,6 +67,29 @@ def test_load_config_errors(spec, overrides, expected):
   assert str(e.value) == expected
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["launch/train_chain.py", SMOKE, "--foo=1"],
+     "error: Unknown command line flag 'foo'; see train_chain.py --helpfull"),
+    (["launch/init_model.py", "--size=50m", "--dtype=foo"],
+     "error: argument --dtype: invalid choice: 'foo' (choose from 'float32', 'bfloat16', "
+     "'float16'); see init_model.py --help"),
+])
+def test_bad_flags_are_one_line(args, expected):
+  assert _one_line_error(*args) == expected
+
+
+def test_damaged_download_archive_names_the_file_and_the_fix(tmp_path):
+  from cbd_jax import assets
+
+  wheel = tmp_path / "gensim.whl"
+  wheel.write_bytes(b"PK\x03\x04 cut short")
+  with pytest.raises(ValueError) as e:
+    assets._extract_member(wheel, "test_data/lee_background.cor", tmp_path / "news.txt")
+  assert str(e.value) == (f"{wheel}: damaged or unexpected archive (BadZipFile); delete it and "
+                          "run launch/fetch_assets.py again")
+  assert sorted(os.listdir(tmp_path)) == ["gensim.whl"]  # No .part file left behind.
+
+
 def test_debug_shows_the_traceback():
   rc, err, _ = _command("launch/train_chain.py", "--config=configs/nope.py", "--debug")
   assert rc == 1 and err[0].startswith("Traceback") and "UsageError" in err[-1]
