@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, fetch the real teacher and text, build the embedded chain, report
-#   make test   set up, then run the test suite
+#   make test   set up, lint, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,7 +24,8 @@ demo: setup
 	$(PY) launch/init_model.py --size=50m --overwrite --text=$${CBD_CACHE:-$$HOME/.cache/cbd-jax}/text/news_heldout.txt
 	$(PY) launch/report.py
 
-test: setup
+# The linter runs first: a lint error fails the test target (and CI) before any test runs.
+test: lint
 	$(PY) launch/fetch_assets.py
 	$(PY) -m pytest -q tests
 
