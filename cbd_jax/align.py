@@ -51,11 +51,13 @@ def match_layers(similarity: np.ndarray) -> np.ndarray:
 
 def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
                        large_params: dict, n_target: int, depth: str = "zero",
-                       large_scores=None) -> tuple[resize.AxisMap, resize.AxisMap]:
+                       large_scores=None, large_layers=None
+                       ) -> tuple[resize.AxisMap, resize.AxisMap]:
   """(small map, large map) for a target of ``n_target`` layers whose every layer is a layer of
   the large anchor: each small layer's counterpart m[j], plus n_target - L_small of the large
-  layers without a counterpart (the best by ``large_scores``, else evenly spread). Grow(small)
-  puts layer j where its counterpart sits; the other positions are new layers (``depth``)."""
+  layers without a counterpart (the best by ``large_scores``, else evenly spread; or the
+  ``large_layers`` given, which must hold the counterparts). Grow(small) puts layer j where its
+  counterpart sits; the other positions are new layers (``depth``)."""
   n_small, n_large = small_cfg.num_layers, large_cfg.num_layers
   if n_small > n_large:
     raise resize.ResizeError("the small anchor has more layers than the large one; pass the "
@@ -66,7 +68,12 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
     return resize._one_hot_map(keep), resize._one_hot_map(m[keep])
   extra = n_target - n_small
   free = np.setdiff1d(np.arange(n_large), m)
-  if extra <= len(free):
+  if large_layers is not None:
+    layers = np.sort(np.asarray(large_layers, np.int64))
+    if len(layers) != n_target or not np.isin(m, layers).all():
+      raise resize.ResizeError(f"large_layers {layers.tolist()} must be {n_target} layers "
+                               f"holding the small anchor's counterparts {m.tolist()}")
+  elif extra <= len(free):
     if large_scores is None:
       chosen = free[(np.arange(1, extra + 1) * len(free)) // (extra + 1)]
     else:

@@ -48,11 +48,35 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
   return np.asarray([len(p) for p in vocab_bytes(tokenizer).pieces], np.int64)
 
 
-def load_heldout(tokenizer, text_file: str | Path, max_tokens: int, seq_len: int) -> HeldoutText:
-  """The first ``max_tokens`` tokens of ``text_file`` as rows of ``seq_len + 1`` tokens."""
-  from cbd_jax.target import load_token_rows
+def load_token_rows(tokenizer, text_file: str | Path, max_tokens: int, seq_len: int,
+                    skip_tokens: int = 0) -> np.ndarray:
+  """Token ids [N, seq_len + 1] from a text file (paragraphs joined by newlines): the first
+  ``max_tokens`` tokens after the first ``skip_tokens``."""
+  path = Path(text_file)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: text file not found; pass an existing text file")
+  if seq_len < 1 or max_tokens < 1 or skip_tokens < 0:
+    raise ValueError(f"seq_len {seq_len} and max_tokens {max_tokens} must be positive and "
+                     f"skip_tokens {skip_tokens} non-negative")
+  ids: list[int] = []
+  with path.open(encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        ids += tokenizer(line.strip() + "\n", add_special_tokens=False)["input_ids"]
+      if len(ids) >= skip_tokens + max_tokens:
+        break
+  ids = ids[skip_tokens:skip_tokens + max_tokens]
+  rows = len(ids) // (seq_len + 1)
+  if rows == 0:
+    raise ValueError(f"{path}: {len(ids)} tokens after skipping {skip_tokens}, fewer than one "
+                     f"row of {seq_len + 1}; give a longer text, more tokens or a smaller seq_len")
+  return np.asarray(ids[:rows * (seq_len + 1)], np.int32).reshape(rows, seq_len + 1)
 
-  rows = load_token_rows(tokenizer, text_file, max_tokens, seq_len)
+
+def load_heldout(tokenizer, text_file: str | Path, max_tokens: int, seq_len: int,
+                 skip_tokens: int = 0) -> HeldoutText:
+  """``max_tokens`` tokens of ``text_file`` (after ``skip_tokens``) as rows of seq_len + 1."""
+  rows = load_token_rows(tokenizer, text_file, max_tokens, seq_len, skip_tokens)
   return HeldoutText(rows, token_byte_lengths(tokenizer), str(text_file))
 
 
@@ -67,18 +91,37 @@ def nll_sum(config: ModelConfig, params: dict, ids_NxT, row_mask_N) -> jax.Array
   return total
 
 
+def total_nll(nll_fn, rows_NxT: np.ndarray, batch_size: int = 8) -> float:
+  """sum over rows of ``nll_fn(ids_BxT, row_mask_B)``, in batches of one compiled shape (the last
+  batch padded with masked copies of its last row)."""
+  total = 0.0
+  for i in range(0, len(rows_NxT), batch_size):
+    rows = rows_NxT[i:i + batch_size]
+    real = np.arange(batch_size) < len(rows)
+    rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), 0)])
+    total += float(nll_fn(jnp.asarray(rows), jnp.asarray(real, jnp.float32)))
+  return total
+
+
+def check_ids(config: ModelConfig, rows: np.ndarray) -> None:
+  """Token ids must index the model's real vocabulary."""
+  if rows.size and (int(rows.max()) >= config.vocab_limit or int(rows.min()) < 0):
+    raise ValueError(f"token id {int(rows.max())} is outside the model's vocabulary "
+                     f"({config.vocab_limit}); evaluate with the model's own tokenizer")
+
+
+def mean_nll(config: ModelConfig, params: dict, rows_NxT: np.ndarray, batch_size: int = 8
+             ) -> float:
+  """Mean next-token cross entropy (nats) of ``params`` on ``rows`` [N, T + 1]."""
+  check_ids(config, rows_NxT)
+  params = jax.tree.map(jnp.asarray, params)
+  total = total_nll(functools.partial(nll_sum, config, params), rows_NxT, batch_size)
+  return total / rows_NxT[:, 1:].size
+
+
 def evaluate(config: ModelConfig, params: dict, text: HeldoutText, batch_size: int = 8) -> dict:
   """{"loss", "ppl", "bpb", "tokens", "bytes"} of ``params`` on ``text`` (no teacher)."""
-  if int(text.rows.max()) >= config.vocab_limit:
-    raise ValueError(f"held-out token id {int(text.rows.max())} is outside the model's vocabulary "
-                     f"({config.vocab_limit}); evaluate with the model's own tokenizer")
-  params = jax.tree.map(jnp.asarray, params)
-  total = 0.0
-  for i in range(0, len(text.rows), batch_size):
-    rows = text.rows[i:i + batch_size]
-    real = np.arange(batch_size) < len(rows)  # One compiled shape: pad, count real rows only.
-    rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), 0)])
-    total += float(nll_sum(config, params, jnp.asarray(rows), jnp.asarray(real, jnp.float32)))
-  loss = total / text.tokens
+  loss = mean_nll(config, params, text.rows, batch_size)
+  total = loss * text.tokens
   return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
           "bpb": total / (math.log(2) * text.bytes), "tokens": text.tokens, "bytes": text.bytes}

@@ -7,15 +7,14 @@ No teacher and no source model are loaded.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from cbd_jax import hf_io, interpolate, sizing
+from cbd_jax import calibrate, heldout, hf_io, sizing
 from cbd_jax.config import ModelConfig, num_params
 
 MANIFEST = "chain.json"
@@ -60,100 +59,103 @@ def _has_tokenizer(folder: Path) -> bool:
       "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
 
 
-def load_token_rows(tokenizer, text_file: str | Path, max_tokens: int, seq_len: int) -> np.ndarray:
-  """Token ids [N, seq_len + 1] from the start of a text file (paragraphs joined by newlines)."""
-  path = Path(text_file)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: text file not found; pass an existing --text file")
-  ids: list[int] = []
-  with path.open(encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        ids += tokenizer(line.strip() + "\n", add_special_tokens=False)["input_ids"]
-      if len(ids) >= max_tokens + seq_len + 1:
-        break
-  rows = min(len(ids), max_tokens) // (seq_len + 1)
-  if rows == 0:
-    raise ValueError(f"{path}: only {len(ids)} tokens, fewer than one row of {seq_len + 1}; "
-                     "give a longer text or a smaller seq_len")
-  return np.asarray(ids[:rows * (seq_len + 1)], np.int32).reshape(rows, seq_len + 1)
+def chain_folders(chain_dir: Path) -> tuple[list[Path], Path | None]:
+  """(every anchor folder listed in the chain's manifest, the chain's local training text file or
+  None): what init_model must never overwrite, and what it calibrates on by default."""
+  doc = json.loads((chain_dir / MANIFEST).read_text())
+  folders = [chain_dir / a["path"] for a in doc.get("anchors", []) if "path" in a]
+  if "path" in doc.get("source", {}):
+    folders.append(Path(doc["source"]["path"]))
+  train = str(doc.get("config", {}).get("data", {}).get("train", ""))
+  files = sorted(glob.glob(train)) if train else []
+  return folders, (Path(files[0]) if files and Path(files[0]).is_file() else None)
 
 
-def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
-                out: str | Path | None = None, alpha: float | None = None,
-                alpha_sweep: bool = False, text: str | Path | None = None,
-                shrink_method: str = "leading", grow_method: str = "zero",
-                depth: str = "zero", renormalize: bool = False, align_layers: bool = True,
-                align_units: bool = True, dtype: str | None = None,
-                overwrite: bool = False, use_source: bool = False, eval_tokens: int = 8192,
-                seq_len: int = 256, log: Callable[[str], None] = print) -> dict:
-  """Interpolates a ``size`` model from two anchors, saves it to ``out``; returns a summary.
+def _check_out(out: Path, protected: list[Path], overwrite: bool) -> None:
+  """Refuses an ``out`` that is a file, an anchor or source of the chain, or a non-empty folder
+  (unless ``overwrite``)."""
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file; pass an --out folder path")
+  resolved = out.resolve()
+  for folder in protected:
+    if resolved == folder.resolve():
+      raise FileExistsError(f"{out} is a model of the chain ({folder}); choose another --out")
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise FileExistsError(f"{out}: folder exists and is not empty; choose another --out or pass "
+                          "--overwrite")
 
-  ``anchors`` (two folders) takes precedence over ``chain``. With ``text``, the held-out
-  perplexity is measured on its first ``eval_tokens`` tokens; ``alpha_sweep`` picks alpha on the
-  first half of those rows and reports perplexity on the second half.
-  """
-  start = time.time()
-  if alpha is not None and alpha_sweep:
-    raise ValueError("--alpha and --alpha_sweep both given; pass one of them")
-  if alpha_sweep and text is None:
-    raise ValueError("--alpha_sweep scores alphas by held-out loss; pass --text FILE")
+
+def _resolve(size, chain, anchors, use_source):
+  """(small folder, large folder, chain folder or None) from --anchors or the chain."""
   if anchors:
     if isinstance(anchors, str):
       anchors = [a for a in anchors.split(",") if a]
     if len(anchors) != 2:
       raise ValueError(f"--anchors takes two folders separated by a comma, got {len(anchors)}")
-    paths = [Path(a) for a in anchors]
-  else:
-    chain = Path(chain or "runs/smollm2_chain")
-    paths = list(pick_anchors(chain, size, use_source))
-  out = Path(out) if out else Path(chain or paths[0].parent) / "targets" / str(size)
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out}: folder exists and is not empty; choose another --out or pass "
-                          "--overwrite")
-  loaded = [hf_io.load_hf(str(p)) for p in paths]
-  order = sorted(range(2), key=lambda i: num_params(loaded[i][0]))
-  small, large = loaded[order[0]], loaded[order[1]]
-  path_s, path_l = paths[order[0]], paths[order[1]]
+    return Path(anchors[0]), Path(anchors[1]), None
+  chain = Path(chain or "runs/smollm2_chain")
+  return (*pick_anchors(chain, size, use_source), chain)
+
+
+def _tokenizer(paths):
+  folder = next((p for p in paths if _has_tokenizer(p)), None)
+  return hf_io.load_tokenizer(str(folder)) if folder else None
+
+
+def _measure(models: dict, rows, text, log) -> dict[str, float]:
+  """{name: held-out perplexity} of (config, params) models on the same token rows."""
+  out = {}
+  for name, (config, params) in models.items():
+    out[name] = math.exp(min(heldout.mean_nll(config, params, rows), 50.0))
+  log("held-out perplexity on " + f"{rows[:, 1:].size} tokens of {text}: " +
+      ", ".join(f"{name} {ppl:,.2f}" for name, ppl in out.items()))
+  return out
+
+
+def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
+                out: str | Path | None = None, recipe: calibrate.Recipe | None = None,
+                text: str | Path | None = None, calib_text: str | Path | None = None,
+                calib_tokens: int = 2048, eval_tokens: int = 8192, seq_len: int = 256,
+                dtype: str | None = None, overwrite: bool = False, use_source: bool = False,
+                log: Callable[[str], None] = print) -> dict:
+  """Makes a ``size`` model from two anchors (`calibrate.make_target`), saves it to ``out`` and
+  returns a summary. ``anchors`` (two folders) takes precedence over ``chain``. Calibration reads
+  ``calib_text`` (default: the chain's training text), never ``text``, on which the target and
+  both anchors are measured (first ``eval_tokens`` tokens)."""
+  start = time.time()
+  recipe = recipe or calibrate.Recipe()
+  path_a, path_b, chain_dir = _resolve(size, chain, anchors, use_source)
+  protected, chain_text = chain_folders(chain_dir) if chain_dir else ([path_a, path_b], None)
+  out = Path(out) if out else (chain_dir or path_a.parent) / "targets" / str(size)
+  _check_out(out, protected + [path_a, path_b], overwrite)
+  loaded = sorted([(hf_io.load_hf(str(p)), p) for p in (path_a, path_b)],
+                  key=lambda x: num_params(x[0][0]))
+  (small, path_s), (large, path_l) = loaded
   target = sizing.resolve_size(size, small[0], large[0])
   log(f"small anchor: {path_s}: {sizing.describe(small[0])}")
   log(f"large anchor: {path_l}: {sizing.describe(large[0])}")
   log(f"target {size}: {sizing.describe(target)}")
-
-  tok_path = next((p for p in (path_s, path_l) if _has_tokenizer(p)), None)
-  tokenizer = hf_io.load_tokenizer(str(tok_path)) if tok_path else None
-  rows = sweep_rows = None
-  if text is not None:
-    if tokenizer is None:
-      raise ValueError(f"--text needs a tokenizer, and neither {path_s} nor {path_l} has one; "
-                       "add the tokenizer files to an anchor folder")
-    rows = load_token_rows(tokenizer, text, eval_tokens, seq_len)
-    if alpha_sweep:
-      if len(rows) < 2:
-        raise ValueError(f"{text}: too short to split for --alpha_sweep; give a longer text")
-      sweep_rows, rows = rows[:len(rows) // 2], rows[len(rows) // 2:]
-  kwargs = dict(shrink_method=shrink_method, grow_method=grow_method, depth=depth,
-                align_layers=align_layers, align_units=align_units)
-  sweep = None
-  if alpha_sweep:
-    alpha, sweep = interpolate.sweep_alpha(small, large, target, sweep_rows,
-                                           renormalize=renormalize, **kwargs)
-    log("alpha sweep (held-out loss): " + ", ".join(f"{a:.2f}: {v:.4f}" for a, v in sweep.items()))
-  elif alpha is None:
-    alpha = interpolate.default_alpha(small[0], large[0], target)
-  log(f"alpha = {alpha:.4f} (weight of the small anchor)")
-  params = interpolate.interpolate(small, large, target, alpha, renormalize=renormalize, **kwargs)
+  tokenizer = _tokenizer((path_s, path_l))
+  if (text or calib_text) and tokenizer is None:
+    raise ValueError(f"--text and --calib_text need a tokenizer, and neither {path_s} nor "
+                     f"{path_l} has one; add the tokenizer files to an anchor folder")
+  calib_text = calib_text or (chain_text if recipe.method == "cbd" else None)
+  eval_rows = heldout.load_token_rows(tokenizer, text, eval_tokens, seq_len) if text else None
+  calib_rows = (heldout.load_token_rows(tokenizer, calib_text, calib_tokens, min(seq_len, 128))
+                if calib_text and recipe.method == "cbd" else None)
+  params, info = calibrate.make_target(small, large, target, recipe, calib_rows, log)
   perplexity = None
-  if rows is not None:
-    loss = interpolate.heldout_loss(target, params, rows)
-    perplexity = math.exp(loss)
-    log(f"held-out perplexity: {perplexity:.3f} ({rows.size - len(rows)} tokens of {text})")
+  if eval_rows is not None:
+    ppl = _measure({"small anchor": small, "target": (target, params), "large anchor": large},
+                   eval_rows, text, log)
+    perplexity = ppl["target"]
   hf_io.save_hf(target, params, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
   seconds = time.time() - start
   summary = {"size": str(size), "out": str(out), "small_anchor": str(path_s),
-             "large_anchor": str(path_l), "alpha": alpha, "alpha_sweep": sweep,
+             "large_anchor": str(path_l), **info, "calib_text": str(calib_text or ""),
              "num_params": num_params(target), "config": target.to_dict(),
-             "perplexity": perplexity, "seconds": seconds, **kwargs, "renormalize": renormalize}
+             "perplexity": perplexity, "anchor_perplexity": ppl if perplexity else None,
+             "seconds": seconds}
   (out / "cbd_init.json").write_text(json.dumps(summary, indent=2) + "\n")
   log(f"wrote {out} ({sizing.format_count(num_params(target))} params) in {seconds:.1f} s")
   return summary

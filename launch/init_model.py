@@ -2,10 +2,13 @@
 
   python launch/init_model.py --size=138m
   python launch/init_model.py --size=60m --anchors runs/a/anchors/anchor2,runs/a/anchors/anchor1 \
-      --text heldout.txt --alpha_sweep
+      --calib_text train.txt --text heldout.txt
 
 theta_target = alpha * Grow(theta_small) + (1 - alpha) * Shrink(theta_large), written as a
-Hugging Face folder (with the anchors' tokenizer) that ``transformers`` loads.
+Hugging Face folder (with the anchors' tokenizer) that ``transformers`` loads. By default
+(``--method cbd``) units that only the large anchor has keep its function and contribute
+(1 - alpha) of it, and the large anchor's layers and alpha are calibrated on a few thousand
+tokens of training text (the chain's own by default); ``--method paper`` is the plain formula.
 """
 
 from __future__ import annotations
@@ -31,16 +34,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="also consider the chain's source model as the largest anchor")
   p.add_argument("--out", default=None,
                  help="output folder (default: <chain>/targets/<size>); an existing non-empty "
-                      "folder is refused unless --overwrite")
+                      "folder is refused unless --overwrite; a chain's anchor or source never")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  p.add_argument("--method", default="cbd", choices=("cbd", "paper"),
+                 help="cbd: units only the large anchor has keep its function, scaled by "
+                      "1 - alpha where they write; layers and alpha calibrated on --calib_text. "
+                      "paper: the plain formula, alpha from parameter counts, even layers")
   p.add_argument("--alpha", type=float, default=None,
-                 help="weight of the small anchor; default (P_large - P_target) / (P_large - "
-                      "P_small) from parameter counts")
-  p.add_argument("--alpha_sweep", action="store_true",
-                 help="choose alpha in 0, 0.1, ..., 1 by held-out loss on the first half of "
-                      "--text (perplexity is then reported on the second half)")
+                 help="weight of the small anchor (default: calibrated with --method cbd, "
+                      "(P_large - P_target) / (P_large - P_small) with --method paper)")
+  p.add_argument("--layers", default="auto", choices=("auto", "even", "influence", "greedy"),
+                 help="large-anchor layers kept besides the small anchor's counterparts: evenly "
+                      "spread, most block influence, or block influence re-measured after each "
+                      "drop; auto tries all three on --calib_text (cbd)")
+  p.add_argument("--mix", default=None, choices=("output", "plain", "whole"),
+                 help="where Grow only padded: scale what the large unit writes by 1 - alpha "
+                      "(output), scale all its weights (plain), or take it whole; default: the "
+                      "method's (cbd: output, paper: plain)")
+  p.add_argument("--calib_text", default=None,
+                 help="unlabeled text to calibrate on (default: the chain's training text); "
+                      "never the --text file")
+  p.add_argument("--calib_tokens", type=int, default=2048, help="calibration tokens")
   p.add_argument("--text", default=None,
-                 help="plain-text file for the held-out perplexity (and the alpha sweep)")
+                 help="held-out plain-text file: perplexity of the target and both anchors")
   p.add_argument("--eval_tokens", type=int, default=8192,
                  help="tokens of --text to evaluate on")
   p.add_argument("--seq_len", type=int, default=256, help="evaluation sequence length")
@@ -59,8 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="mix units by index instead of first reordering the large anchor's "
                       "channels, FFN neurons and heads to line up with their counterparts in the "
                       "small anchor (only right when the small anchor kept leading units)")
-  p.add_argument("--renormalize", action="store_true",
-                 help="where Grow only padded, take the large anchor's value whole")
   p.add_argument("--dtype", default=None, choices=DTYPES,
                  help="dtype of the written weights (default: the anchors' dtype)")
   return p.parse_args(argv)
@@ -69,17 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  from cbd_jax import target
+  from cbd_jax import calibrate, target
 
   try:
+    recipe = calibrate.Recipe(
+        method=args.method, alpha=args.alpha, layers=args.layers, rule=args.mix,
+        shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
+        align_layers=not args.no_align_layers, align_units=not args.no_align_units)
     target.init_target(
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
-        out=args.out, alpha=args.alpha, alpha_sweep=args.alpha_sweep, text=args.text,
-        shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
-        renormalize=args.renormalize, align_layers=not args.no_align_layers,
-        align_units=not args.no_align_units, dtype=args.dtype,
-        overwrite=args.overwrite,
-        use_source=args.use_source, eval_tokens=args.eval_tokens, seq_len=args.seq_len)
+        out=args.out, recipe=recipe, text=args.text, calib_text=args.calib_text,
+        calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+        dtype=args.dtype, overwrite=args.overwrite, use_source=args.use_source)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -48,7 +48,10 @@ def anchors(tmp_path_factory):
   other = _anchor(root / "gpt2", "gpt2", 2, 32, 4, 4, 128, 2, vocab)
   text = root / "heldout.txt"
   text.write_text("\n".join([TEXT[i:i + 400] for i in range(0, len(TEXT), 400)]))
-  return {"root": root, "small": small, "large": large, "other": other, "text": text}
+  calib = root / "calib.txt"
+  calib.write_text("\n".join(reversed([TEXT[i:i + 300] for i in range(0, len(TEXT), 300)])))
+  return {"root": root, "small": small, "large": large, "other": other, "text": text,
+          "calib": calib}
 
 
 def _run(*args):
@@ -65,10 +68,11 @@ def test_end_to_end_folder_loads_in_transformers(anchors):
   size = num_params(sizing.shape_at(anchors["small"], anchors["large"], 3, 48)[0])
   out = root / "target"
   result = _run(f"--size={size}", "--anchors", f"{root / 'large'},{root / 'small'}",
-                "--out", str(out), "--text", str(anchors["text"]), "--seq_len", "32")
+                "--out", str(out), "--text", str(anchors["text"]), "--seq_len", "32",
+                "--calib_text", str(anchors["calib"]))
   assert result.returncode == 0, result.stderr
   for word in ("small anchor", "large anchor", "alpha =", "layers x", "params",
-               "perplexity", " s"):
+               "perplexity", " s", "large-anchor layers (calibration loss"):
     assert word in result.stdout, (word, result.stdout)
   config, params = hf_io.load_hf(out)
   assert num_params(config) == json.loads((out / "cbd_init.json").read_text())["num_params"]
@@ -153,33 +157,50 @@ def test_chain_manifest_picks_adjacent_done_anchors(anchors, tmp_path):
     target.pick_anchors(tmp_path, 2 * num_params(large))
 
 
-def test_alpha_sweep_picks_an_alpha_on_half_the_text_and_reports_on_the_other(anchors, tmp_path):
+def test_calibration_reads_only_the_calibration_text(anchors, tmp_path):
   root = anchors["root"]
   size = num_params(sizing.shape_at(anchors["small"], anchors["large"], 3, 48)[0])
-  lines = []
-  summary = target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}",
-                               out=tmp_path / "t", text=anchors["text"], alpha_sweep=True,
-                               seq_len=16, eval_tokens=136, dtype="bfloat16",
-                               log=lines.append)
-  assert set(summary["alpha_sweep"]) == {round(a / 10, 1) for a in range(11)}
-  assert summary["alpha"] == min(summary["alpha_sweep"], key=summary["alpha_sweep"].get)
-  assert any("alpha sweep" in line for line in lines)
-  assert "(64 tokens of" in lines[-2]  # 8 rows of 17: 4 rows for the sweep, 4 (64 tokens) scored.
-  config, params = hf_io.load_hf(tmp_path / "t")
+  pair = f"{root / 'small'},{root / 'large'}"
+  other = tmp_path / "other.txt"
+  other.write_text("A completely different held-out text about ships and the sea.\n" * 30)
+  summaries = []
+  for i, text in enumerate((anchors["text"], other)):
+    lines = []
+    summaries.append(target.init_target(
+        size, anchors=pair, out=tmp_path / f"t{i}", text=text, calib_text=anchors["calib"],
+        seq_len=16, eval_tokens=136, calib_tokens=170, dtype="bfloat16", log=lines.append))
+    assert any("held-out perplexity on 128 tokens" in line for line in lines), lines
+  a, b = (hf_io.load_hf(tmp_path / f"t{i}")[1] for i in range(2))
+  jax_equal = [np.array_equal(x, y) for x, y in zip(resize.flatten(a).values(),
+                                                      resize.flatten(b).values(), strict=True)]
+  assert all(jax_equal)  # The held-out text changed; the target did not.
+  first = summaries[0]
+  assert first["alpha"] == summaries[1]["alpha"] and first["calibration_tokens"] == 160
+  assert set(first["anchor_perplexity"]) == {"small anchor", "target", "large anchor"}
+  assert first["perplexity"] == first["anchor_perplexity"]["target"]
+  config, params = hf_io.load_hf(tmp_path / "t0")
   assert config.num_layers == 3 and params["embed"]["embedding"].dtype == "bfloat16"
-  with pytest.raises(ValueError, match="--alpha and --alpha_sweep"):
-    target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}", alpha=0.5,
-                       alpha_sweep=True, text=anchors["text"], out=tmp_path / "u", log=str)
-  with pytest.raises(ValueError, match="pass --text"):
-    target.init_target(size, anchors=f"{root / 'small'},{root / 'large'}", alpha_sweep=True,
-                       out=tmp_path / "u", log=str)
+
+
+def test_an_anchor_of_the_chain_is_never_the_output(anchors, tmp_path):
+  root, small, large = anchors["root"], anchors["small"], anchors["large"]
+  _manifest(tmp_path, [("a1", str(root / "large"), large, "done"),
+                       ("a2", str(root / "small"), small, "done")])
+  size = num_params(small) + (num_params(large) - num_params(small)) // 2
+  before = sorted(p.name for p in (root / "small").iterdir())
+  with pytest.raises(FileExistsError, match="is a model of the chain"):
+    target.init_target(size, chain=tmp_path, out=root / "small", overwrite=True, log=str)
+  assert sorted(p.name for p in (root / "small").iterdir()) == before
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileExistsError, match="is a file"):
+    target.init_target(size, chain=tmp_path, out=tmp_path / "file", log=str)
 
 
 def test_every_flag_is_documented_in_help():
   result = _run("--help")
   assert result.returncode == 0
   for flag in ("--size", "--chain", "--anchors", "--out", "--overwrite", "--alpha ",
-               "--alpha_sweep", "--text", "--shrink_method", "--grow_method", "--depth",
-               "--renormalize", "--no_align_layers", "--dtype", "--use_source", "--eval_tokens",
-               "--seq_len"):
+               "--method", "--layers", "--mix", "--calib_text", "--calib_tokens",
+               "--text", "--shrink_method", "--grow_method", "--depth", "--no_align_units",
+               "--no_align_layers", "--dtype", "--use_source", "--eval_tokens", "--seq_len"):
     assert flag in result.stdout, flag

@@ -26,9 +26,9 @@ def test_alpha_one_and_zero_return_the_anchors_exactly(family):
   config = _config(family)
   small, large = random_params(config, 0), random_params(config, 1)
   for alpha, expect in ((1.0, small), (0.0, large)):
-    for renormalize in (False, True):
+    for rule in interpolate.MIXES:
       out = interpolate.interpolate((config, small), (config, large), config, alpha,
-                                    renormalize=renormalize, align_units=False)
+                                    rule=rule, align_units=False)
       jax.tree.map(np.testing.assert_array_equal, out, expect)
   # Aligned, the large endpoint is the large anchor with its units reordered: the same function.
   ids = np.random.default_rng(3).integers(0, 53, (2, 6))
@@ -62,8 +62,9 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   alpha = interpolate.default_alpha(small[0], large[0], target)
-  out = resize.flatten(interpolate.interpolate(small, large, target, depth="identity",
-                                               align_layers=False, align_units=False))
+  out = resize.flatten(interpolate.interpolate(small, large, target, rule="plain",
+                                               depth="identity", align_layers=False,
+                                               align_units=False))
   grown = resize.flatten(resize.grow(*small, target))
   shrunk = resize.flatten(resize.shrink(*large, target))
   assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
@@ -76,9 +77,8 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
   kw = dict(depth="identity", align_layers=False, align_units=False)
-  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, **kw))
-  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
-                                                  **kw))
+  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, "plain", **kw))
+  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole", **kw))
   shrunk = resize.flatten(resize.shrink(*large, target))
   up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
   np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
@@ -88,7 +88,7 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
   # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
-  zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, renormalize=True,
+  zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole",
                                                 depth="zero", align_layers=False,
                                                 align_units=False))
   for path, x in zero.items():
@@ -101,11 +101,14 @@ def test_sweep_scores_each_alpha_by_the_targets_own_loss():
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   ids = np.random.default_rng(2).integers(0, 53, (3, 12))
-  best, losses = interpolate.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0))
-  assert set(losses) == {0.0, 0.4, 1.0} and best == min(losses, key=losses.get)
-  for alpha in (0.0, 0.4):
-    params = interpolate.interpolate(small, large, target, alpha)
-    assert losses[alpha] == pytest.approx(interpolate.heldout_loss(target, params, ids), rel=1e-5)
+  for rule in interpolate.MIXES:
+    best, losses = interpolate.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0),
+                                           rule=rule)
+    assert set(losses) == {0.0, 0.4, 1.0} and best == min(losses, key=losses.get)
+    for alpha in (0.0, 0.4):
+      params = interpolate.interpolate(small, large, target, alpha, rule)
+      assert losses[alpha] == pytest.approx(interpolate.heldout_loss(target, params, ids),
+                                            rel=1e-5)
 
 
 def test_heldout_loss_is_mean_next_token_cross_entropy_over_real_vocab():
