@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from cbd_jax import convert, hf_config
+from cbd_jax.cli import one_line
 from cbd_jax.config import DTYPES, ModelConfig, check_dtype
 from cbd_jax.gguf_io import read_gguf
 from cbd_jax.safetensors_io import DAMAGED, CheckpointError, read_safetensors, save_sharded
@@ -62,7 +63,11 @@ def _tokenizer_size(folder: Path) -> int | None:
     return None
   import tokenizers
 
-  return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(True)
+  try:
+    return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(True)
+  except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on a bad file)
+    raise CheckpointError(f"{folder / 'tokenizer.json'}: unreadable tokenizer ({one_line(e)}); "
+                          f"{DAMAGED}") from None
 
 
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
@@ -81,13 +86,25 @@ def _read_bin(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+  """The {tensor: shard file} map of a sharded checkpoint's index; one-line errors if damaged."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {one_line(e)}; "
+                          f"expected {{\"weight_map\": {{tensor: file}}}}); {DAMAGED}") from None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index}: weight_map is not an object of tensor: file; {DAMAGED}")
+  return weight_map
+
+
 def _read_weights(folder: Path) -> Mapping[str, np.ndarray]:
   """All tensors of a model folder, whichever of the standard layouts it uses."""
   for index_name, reader in (("model.safetensors.index.json", read_safetensors),
                              ("pytorch_model.bin.index.json", _read_bin)):
     index = folder / index_name
     if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = _weight_map(index)
       tensors: dict[str, np.ndarray] = {}
       for shard in sorted(set(weight_map.values())):
         if not (folder / shard).exists():

@@ -390,3 +390,17 @@ def test_leftovers_of_dead_exports_are_removed_live_ones_kept(tmp_path):
   cbd_jax.save_hf(TINY, cbd_jax.init_params(TINY, jax.random.key(0)), tmp_path / "m")
   assert not stale.exists() and live.exists() and other_host.exists()
   assert (tmp_path / "m" / "config.json").exists()
+
+
+def test_damaged_index_and_tokenizer_are_one_line(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  (folder / "model.safetensors.index.json").write_text("[]")
+  _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder),
+                  "model.safetensors.index.json: not a checkpoint index (TypeError")
+  (folder / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+  _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder),
+                  "weight_map is not an object of tensor: file")
+  (folder / "model.safetensors.index.json").unlink()
+  (folder / "tokenizer.json").write_text('{"model": 3')
+  _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder),
+                  f"{folder / 'tokenizer.json'}: unreadable tokenizer (", "the file is damaged")
