@@ -74,6 +74,22 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, tuple | None]:
                     "use a checkpoint without rope scaling or add the type to cbd_jax.model")
 
 
+def _check_numbers(hf: dict[str, Any], fields: dict[str, str], where: str) -> None:
+  """Shape fields must be positive integers and the norm epsilon a positive number."""
+  for theirs, ours in fields.items():
+    value = hf.get(theirs)
+    if theirs not in hf:
+      continue
+    if ours == "norm_eps":
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    else:
+      ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if not ok:
+      kind = "a positive number" if ours == "norm_eps" else "a positive integer"
+      raise ConfigError(f"{where}: {theirs}={value!r} must be {kind}; restore the model's own "
+                        "config.json")
+
+
 def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
   """Builds a ModelConfig from a parsed config.json; raises ConfigError on anything unhandled."""
   if not isinstance(hf, dict):
@@ -96,6 +112,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
   for key in hf.get("layer_types") or ():
     if key != "full_attention":
       raise ConfigError(f"{where}: layer type {key!r} is not supported (only full_attention)")
+  _check_numbers(hf, fields, where)
   kwargs = {ours: hf[theirs] for theirs, ours in fields.items() if theirs in hf}
   kwargs["family"] = family
   kwargs["tie_embeddings"] = bool(hf.get("tie_word_embeddings", _TIE_DEFAULT[family]))

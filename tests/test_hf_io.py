@@ -404,3 +404,13 @@ def test_damaged_index_and_tokenizer_are_one_line(tmp_path, saved_llama):
   (folder / "tokenizer.json").write_text('{"model": 3')
   _one_line_error(CheckpointError, lambda: cbd_jax.load_hf(folder),
                   f"{folder / 'tokenizer.json'}: unreadable tokenizer (", "the file is damaged")
+
+
+def test_config_json_numbers_of_the_wrong_type(tmp_path, saved_llama):
+  folder = _copy(saved_llama, tmp_path / "m")
+  raw = json.loads((folder / "config.json").read_text())
+  for field, value in (("hidden_size", "64"), ("num_hidden_layers", 0), ("rms_norm_eps", None)):
+    (folder / "config.json").write_text(json.dumps(dict(raw, **{field: value})))
+    kind = "number" if field == "rms_norm_eps" else "integer"
+    _one_line_error(ConfigError, lambda: cbd_jax.load_hf(folder),
+                    f"config.json: {field}={value!r} must be a positive {kind}")
