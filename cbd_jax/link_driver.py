@@ -257,21 +257,54 @@ class _Loop:
   reporter: Reporter
 
 
+class NonFiniteError(ValueError):
+  """A training step produced a non-finite loss, gradient or parameter."""
+
+
+def check_finite(name: str, step: int, m: dict[str, Any], last_checkpoint) -> None:
+  """Stops the link, in one line, when a step's loss, gradient or new params are not finite."""
+  bad = [k for k in ("loss", "grad_norm", "param_norm") if k in m and not np.isfinite(m[k])]
+  if bad:
+    kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+    raise NonFiniteError(
+        f"link {name}: non-finite {'/'.join(bad)} at step {step}; likely causes: a learning rate "
+        "that is nan or too high (optimizer.lr), loss.temperature=0, a damaged checkpoint or token "
+        f"cache, token ids outside the model's vocabulary; last finite checkpoint kept: {kept}; "
+        "nothing was exported")
+
+
+def _pull(loop: _Loop, pending) -> None:
+  """Reports one step's metrics (host copy) and stops the link if they are not finite."""
+  step, m = pending[0], jax.device_get(pending[1])
+  loop.reporter.add(step, m)
+  check_finite(loop.reporter.name, step, m, loop.manager.latest_step())
+
+
 def _run_steps(state, stop: int, loop: _Loop, config):
-  """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way."""
+  """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way.
+
+  Metrics are pulled one step late, except before a checkpoint or an evaluation: a state is only
+  saved once its step's loss, gradient and parameters are known to be finite.
+  """
   kind, reporter, pending = loop.kind, loop.reporter, None
   for step in range(int(jax.device_get(state.step)), stop):
     state, m = kind.step(state, loop.teacher_params, global_batch(loop.mesh, kind.batch(step), 1))
     if pending is not None:  # Pulled one step late, so the device never waits for the host.
-      reporter.add(pending[0], jax.device_get(pending[1]))
+      _pull(loop, pending)
     pending = (step + 1, m)
     reporter.bar.update(1)
-    if (step + 1) % config.checkpoint.every == 0:
+    save = (step + 1) % config.checkpoint.every == 0
+    evaluate = (config.eval.every and (step + 1) % config.eval.every == 0
+                and step + 1 < reporter.steps)
+    if save or evaluate:
+      _pull(loop, pending)
+      pending = None
+    if save:
       checkpoint.save_state(loop.manager, state, force=True)
-    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < reporter.steps:
+    if evaluate:
       reporter.evaluated(step + 1, kind.evaluate(state.params, loop.teacher_params, loop.mesh))
   if pending is not None:
-    reporter.add(pending[0], jax.device_get(pending[1]))
+    _pull(loop, pending)
   checkpoint.save_state(loop.manager, state, force=True)
   loop.manager.wait_until_finished()
   return state
@@ -355,7 +388,13 @@ def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any
   stop_after = int(run.config.get("stop_after") or 0)
   stop = steps if not stop_after else min(steps, start + stop_after)
   loop = _Loop(kind, teacher_params, mesh, manager, reporter)
-  state = _run_steps(state, stop, loop, run.config)
+  try:
+    state = _run_steps(state, stop, loop, run.config)
+  except NonFiniteError:  # The finite checkpoints stay; nothing is exported or marked done.
+    reporter.close()
+    manager.wait_until_finished()
+    manager.close()
+    raise
   if stop < steps:  # This run's step budget (stop_after) is spent: the link stays "running".
     log.info("link %s: stopping at step %d of %d (stop_after); run again to resume",
              run.link.name, stop, steps)

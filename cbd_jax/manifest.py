@@ -12,6 +12,7 @@ file whole (write beside, then rename), so a crash never leaves half a manifest.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,24 @@ def running_entry(entry: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
   return dict(entry, status="running", config=_clean(config), num_params=num_params(config))
 
 
+def json_safe(obj: Any) -> Any:
+  """``obj`` with non-finite floats written as strings ("nan", "inf"): valid JSON, still read."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
 def save(workdir: Path, doc: dict[str, Any]) -> None:
+  """Replaces the manifest whole (process 0 only); never bare NaN or Infinity in the file."""
   if jax.process_index() != 0:
     return
   path = Path(workdir) / MANIFEST
   tmp = path.with_name(path.name + f".{os.getpid()}.part")
-  tmp.write_text(json.dumps(doc, indent=2) + "\n")
+  tmp.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
   os.replace(tmp, path)
 
 

@@ -125,7 +125,7 @@ def _paths(config) -> tuple[Path, Path]:
 def _save_json(path: Path, doc: dict[str, Any]) -> None:
   if jax.process_index() == 0:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(json.dumps(manifest.json_safe(doc), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -5,7 +5,8 @@ where ``value`` is the microbatch's share of the batch objective (its sums divid
 batch's ``totals``) and ``sums`` a dict of gradient-free token sums. The core writes the rest
 once: gradients summed over microbatches with ``lax.scan`` under the parameters' sharding
 constraint (so the step equals one big batch exactly), the optimizer update, the metrics
-(``sums``, ``loss``, ``grad_norm``, ``lr``) and ``jax.jit`` with shardings and the state donated.
+(``sums``, ``loss``, ``grad_norm``, ``param_norm`` of the updated params, ``lr``) and
+``jax.jit`` with shardings and the state donated.
 ``extra`` holds what the loss reads but never trains (teacher params, a projector).
 """
 
@@ -75,6 +76,7 @@ def make_step(objective: Callable, totals: Callable, mean_loss: Callable, optimi
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(sums, loss=mean_loss(sums, tot), grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params),  # Finite iff every new param is.
                    lr=schedule(state.step) if schedule is not None else jnp.zeros(()))
     return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -120,3 +120,37 @@ def test_changed_chain_in_an_existing_workdir_is_refused(tmp_path):
   config.workdir = str(tmp_path)
   with pytest.raises(ValueError, match="use another workdir"):
     chain.run_chain(config)
+
+
+def test_nan_learning_rate_stops_the_link_with_one_line_and_exports_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "launch/train_chain.py", "--config=configs/qwen_chain.py:smoke",
+         f"--config.workdir={workdir}", "--config.chain[0].optimizer.lr=nan",
+         "--config.log.progress=False"]
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: link anchor1: non-finite") and "optimizer.lr" in last
+  assert "Traceback" not in result.stderr
+  doc = json.loads((workdir / "chain.json").read_text(), parse_constant=pytest.fail)
+  assert [a["status"] for a in doc["anchors"]] == ["running", "pending"]
+  assert not (workdir / "anchors").exists()
+
+
+def test_a_link_turning_non_finite_keeps_its_last_finite_checkpoint(tmp_path):
+  from cbd_jax import checkpoint, link_driver
+
+  _one_link(tmp_path, stop_after=3)  # A finite checkpoint at step 3.
+  config = qwen_chain.get_config("smoke")
+  config.workdir = str(tmp_path)
+  config.chain = (config.chain[0],)
+  config.chain[0].update(dict(steps=6))
+  config.chain[0].optimizer.lr = float("nan")
+  config.checkpoint.every, config.eval.every, config.log.progress = 1, 0, False
+  with pytest.raises(link_driver.NonFiniteError, match="at step 4;.*checkpoint kept: step 3"):
+    chain.run_chain(config)
+  manager = checkpoint.make_checkpoint_manager(tmp_path / "checkpoints" / "anchor1", 1)
+  assert manager.all_steps() == [3]
+  entry = manifest.read(tmp_path)["anchors"][0]
+  assert entry["status"] == "running" and not (tmp_path / entry["path"]).exists()
