@@ -93,9 +93,15 @@ def test_damaged_download_archive_names_the_file_and_the_fix(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["gensim.whl"]  # No .part file left behind.
 
 
-def test_debug_shows_the_traceback():
-  rc, err, _ = _command("launch/train_chain.py", "--config=configs/nope.py", "--debug")
-  assert rc == 1 and err[0].startswith("Traceback") and "UsageError" in err[-1]
+def test_debug_shows_the_traceback(monkeypatch):
+  def main(args):
+    raise cli.UsageError("bad")
+
+  with pytest.raises(cli.UsageError, match="bad"):  # Raised as is: Python prints the traceback.
+    cli.run(main, ["--debug"])
+  monkeypatch.setenv("CBD_DEBUG", "1")
+  with pytest.raises(cli.UsageError, match="bad"):
+    cli.run(main, [])
 
 
 def test_load_config_applies_overrides_with_config_flags_types():
@@ -182,6 +188,24 @@ def _works(*prefix) -> bool:
     return False
 
 
+def _export_until_written(child: str, out: Path) -> subprocess.Popen:
+  """Starts an export that stops after writing the weights; returns once they are written."""
+  proc = subprocess.Popen([sys.executable, child, "hang", str(out)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  assert proc.stdout.readline().strip() == "written"
+  return proc
+
+
+def test_ctrl_c_during_export_is_one_line_and_leaves_nothing(tmp_path, child):
+  import signal
+
+  proc = _export_until_written(child, tmp_path / "anchor")
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted (Ctrl-C)"]
+  assert os.listdir(tmp_path) == []
+
+
 def test_kill_9_during_export_leaves_nothing_and_the_next_export_cleans_up(tmp_path, child):
   import signal
 
@@ -191,13 +215,9 @@ def test_kill_9_during_export_leaves_nothing_and_the_next_export_cleans_up(tmp_p
   from cbd_jax.config import ModelConfig
 
   out = tmp_path / "anchor"
-  proc = subprocess.Popen([sys.executable, child, "hang", str(out)], stdout=subprocess.PIPE,
-                          text=True, cwd=ROOT)
-  try:
-    assert proc.stdout.readline().strip() == "written"
-    os.kill(proc.pid, signal.SIGKILL)
-  finally:
-    proc.wait(timeout=60)
+  proc = _export_until_written(child, out)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.communicate(timeout=60)
   partial = [p.name for p in tmp_path.iterdir()]
   assert not out.exists() and len(partial) == 1 and partial[0].startswith(".anchor.partial-")
   assert (tmp_path / partial[0] / "model.safetensors").exists()  # Killed after the weights.
