@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax import losses
+from cbd_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +48,12 @@ def _logits(h_BxCxD, w_VxD):
 
 def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   """(kd_weight * kd_sum + ce_weight * ce_sum, (kd_sum, ce_sum)) over one chunk."""
-  z_BxCxV = _logits(h_BxCxD, w_VxD)
+  z_BxCxV = constrain_batch(_logits(h_BxCxD, w_VxD))
   kd_sum = ce_sum = jnp.zeros((), jnp.float32)
   t = consts["temperature"]
   if spec.teacher == "dense":
-    zt_BxCxV = jax.lax.stop_gradient(_logits(tok["teacher_hidden"], consts["teacher_head"]))
+    zt_BxCxV = constrain_batch(
+        jax.lax.stop_gradient(_logits(tok["teacher_hidden"], consts["teacher_head"])))
     per = losses.kd_per_token(z_BxCxV, zt_BxCxV, spec.kind, t, spec.vocab_limit, spec.skew,
                               spec.beta)
     kd_sum = losses.weighted_sum(per, tok["mask"])[0]
@@ -122,7 +124,7 @@ def _to_chunks(x_BxT, num_chunks: int, chunk_len: int, fill=0):
     widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_BxT.ndim - 2)
     x_BxT = jnp.pad(x_BxT, widths, constant_values=fill)
   x = x_BxT.reshape((b, num_chunks, chunk_len) + x_BxT.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+  return constrain_batch(jnp.moveaxis(x, 1, 0), 1)
 
 
 def _check_head(name: str, hidden, head_VxD):

@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax.config import ModelConfig, check_ids
+from cbd_jax.sharding import constrain_batch, heads_spec
 
 Params = dict[str, Any]
 _INIT_STD = 0.02
+_FLASH_BLOCK = 128  # The Pallas TPU flash kernel's default query and key block.
 
 
 class Linear(nn.Module):
@@ -97,6 +99,54 @@ def _rotate(x, cos, sin):
   return x * cos + rotated * sin
 
 
+def _platform() -> str:
+  """The platform being compiled for: the mesh traced under (AOT for TPU), else the default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def attention_impl(dtype, causal_unpadded: bool, seq_len: int) -> str:
+  """'tpu_flash' (Pallas), 'cudnn' or 'xla': fused kernels for unpadded causal batches only.
+
+  TPU: the Pallas flash kernel that ships with JAX, for sequences in whole 128-token blocks,
+  when traced under ``jax.set_mesh`` (or on one chip).
+  GPU: cuDNN's flash kernel, for bf16/fp16. Anything else (padding masks, a KV cache): XLA.
+  """
+  platform = _platform() if causal_unpadded else "none"
+  # The kernel is split over a mesh by shard_map, so it needs the mesh traced under (or 1 chip).
+  placed = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+  if platform == "tpu" and placed and seq_len % _FLASH_BLOCK == 0:
+    return "tpu_flash"
+  if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def tpu_flash_attention(q_BxTxHxK, k_BxTxKxK, v_BxTxKxK, scale: float):
+  """Causal attention by JAX's Pallas TPU flash kernel; kv heads repeated for GQA.
+
+  Under a mesh the kernel runs per shard (``shard_map``: examples over data and fsdp, heads over
+  tensor), since XLA cannot partition a custom kernel itself.
+  """
+  from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+  groups = q_BxTxHxK.shape[2] // k_BxTxKxK.shape[2]
+  k = jnp.repeat(k_BxTxKxK, groups, axis=2)
+  v = jnp.repeat(v_BxTxKxK, groups, axis=2)
+
+  def kernel(q, k, v):
+    out_BxHxTxK = flash_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),
+                                  causal=True, sm_scale=scale)
+    return out_BxHxTxK.swapaxes(1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q_BxTxHxK, k, v)
+  spec = heads_spec(q_BxTxHxK.shape, mesh)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q_BxTxHxK, k, v)
+
+
 class Attention(nn.Module):
   config: ModelConfig
 
@@ -106,6 +156,7 @@ class Attention(nn.Module):
     q = Linear((c.num_heads, c.head_dim), 1, c.qkv_bias, dt, name="q")(x_BxTxD)
     k = Linear((c.num_kv_heads, c.head_dim), 1, c.qkv_bias, dt, name="k")(x_BxTxD)
     v = Linear((c.num_kv_heads, c.head_dim), 1, c.qkv_bias, dt, name="v")(x_BxTxD)
+    q, k, v = constrain_batch(q), constrain_batch(k), constrain_batch(v)
     if c.qk_norm:
       q = Norm(False, c.norm_eps, name="q_norm")(q)
       k = Norm(False, c.norm_eps, name="k_norm")(k)
@@ -116,12 +167,14 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       kv = (k, v)
-    # cuDNN's fused (flash) kernel for unpadded bf16/fp16 batches on GPU; `None` would pick XLA.
-    flash = (mask is None and jax.default_backend() == "gpu"
-             and dt in (jnp.bfloat16, jnp.float16))
-    out_BxTxHxK = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(c.head_dim),
-        implementation="cudnn" if flash else "xla")
+    scale = 1.0 / math.sqrt(c.head_dim)
+    impl = attention_impl(dt, mask is None, q.shape[1])
+    if impl == "tpu_flash":
+      out_BxTxHxK = tpu_flash_attention(q, k, v, scale)
+    else:
+      out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                                 scale=scale, implementation=impl)
+    out_BxTxHxK = constrain_batch(out_BxTxHxK)
     return Linear((c.hidden_size,), 2, c.out_bias, dt, name="o")(out_BxTxHxK), kv
 
 
@@ -137,6 +190,7 @@ class Mlp(nn.Module):
       h = jax.nn.silu(gate) * Linear((f,), 1, False, dt, name="up")(x)
     else:
       h = jax.nn.gelu(Linear((f,), 1, True, dt, name="up")(x), approximate=True)
+    h = constrain_batch(h)
     return Linear((c.hidden_size,), 1, c.is_gpt2, dt, name="down")(h)
 
 
@@ -149,10 +203,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, cos, sin, kv, cache_index):
     c = self.config
+    x = constrain_batch(x)
     h, kv = Attention(c, name="attn")(Norm(c.is_gpt2, c.norm_eps, name="attn_norm")(x),
                                       mask, cos, sin, kv, cache_index)
-    x = x + h
-    x = x + Mlp(c, name="mlp")(Norm(c.is_gpt2, c.norm_eps, name="mlp_norm")(x))
+    x = constrain_batch(x + h)
+    x = constrain_batch(x + Mlp(c, name="mlp")(Norm(c.is_gpt2, c.norm_eps, name="mlp_norm")(x)))
     return x, (x if self.output_hidden else None, kv)
 
 
@@ -174,7 +229,7 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     embed = self.param("embed", nn.initializers.normal(_INIT_STD),
                        (c.vocab_size, c.hidden_size), unbox=True)
-    x = jnp.take(embed, ids_BxT, axis=0).astype(dt)
+    x = constrain_batch(jnp.take(embed, ids_BxT, axis=0).astype(dt))
     cos = sin = None
     if c.is_gpt2:
       pos = self.param("pos_embed", nn.initializers.normal(_INIT_STD),
@@ -200,7 +255,7 @@ class Decoder(nn.Module):
     embedded = x
     x, (per_layer, kv) = layers(c, self.output_hidden, name="layers")(x, mask, cos, sin, kv,
                                                                       cache_index)
-    x = Norm(c.is_gpt2, c.norm_eps, name="final_norm")(x)
+    x = constrain_batch(Norm(c.is_gpt2, c.norm_eps, name="final_norm")(x))
     new_cache = None if kv is None else {"k": kv[0], "v": kv[1]}
     if self.output_hidden:
       per_layer = jnp.concatenate([embedded[None], per_layer], axis=0)

@@ -105,3 +105,35 @@ def test_remat_gives_same_logits_and_grads():
   g2 = grad(params, config.replace(remat=True))
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_tpu_flash_attention_equals_the_xla_path():
+  """The Pallas TPU kernel, run by Pallas's TPU interpreter on CPU: values and gradients."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  from cbd_jax.model import tpu_flash_attention
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 128, h, 16)), jnp.float32) for h in (4, 2, 2))
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(f(q, k, v)))
+  with pltpu.force_tpu_interpret_mode():
+    out = tpu_flash_attention(q, k, v, 0.25)
+    grads = jax.grad(loss(lambda *a: tpu_flash_attention(*a, 0.25)), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(out, xla(q, k, v), atol=1e-5)
+  for got, want in zip(grads, jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_attention_kernel_choice():
+  from cbd_jax.model import attention_impl
+  from cbd_jax.sharding import make_mesh
+
+  assert attention_impl(jnp.bfloat16, True, 256) == "xla"  # CPU: XLA.
+  pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU devices to compile for")
+  from cbd_jax.aot import topology_devices
+
+  with jax.set_mesh(make_mesh({"data": -1}, topology_devices("v5e:2x2"))):
+    assert attention_impl(jnp.bfloat16, True, 256) == "tpu_flash"
+    assert attention_impl(jnp.bfloat16, True, 100) == "xla"  # Not whole 128-token blocks.
+    assert attention_impl(jnp.bfloat16, False, 256) == "xla"  # Padding mask or KV cache.
