@@ -72,6 +72,42 @@ def _save_meta(out_dir: Path, meta: dict) -> None:
   os.replace(tmp, out_dir / META)
 
 
+def _start_meta(out_dir: Path, wanted: dict) -> dict:
+  """The corpus metadata to continue from; a corpus of other settings is refused."""
+  meta = load_meta(out_dir)
+  if meta is not None and {k: meta.get(k) for k in wanted} != wanted:
+    raise ValueError(f"{out_dir / META} was written with other settings or another teacher "
+                     f"({ {k: meta.get(k) for k in wanted} }); use another folder")
+  if meta is None:
+    meta = dict(wanted, batches_done=0, bytes=0, sequences=0, teacher_tokens=0,
+                generated_tokens=0, teacher_flops=0, seconds=0.0)
+  with open(out_dir / CORPUS, "ab") as f:  # Drop whatever a crash left after the last batch.
+    f.truncate(meta["bytes"])
+  return meta
+
+
+def _generate_batch(teacher: ModelConfig, params, tokenizer, rows: np.ndarray, key,
+                    settings: SeqKDSettings, eos: int) -> tuple[list[str], int]:
+  """(JSONL lines of prompt + continuation, generated tokens) of one batch of prompts."""
+  import jax.numpy as jnp
+
+  from cbd_jax.generate import generate
+
+  n = len(rows)
+  if n < settings.batch_size:  # Same shapes every batch (one compile); extra rows dropped.
+    rows = np.concatenate([rows, np.repeat(rows[-1:], settings.batch_size - n, 0)])
+  tokens, keep = generate(teacher, params, jnp.asarray(rows), jnp.ones(rows.shape, jnp.int32),
+                          key, settings.new_tokens, settings.temperature, settings.top_k, eos)
+  tokens, keep = np.asarray(tokens)[:n], np.asarray(keep)[:n].astype(bool)
+  lines, written = [], 0
+  for prompt, row, k in zip(rows[:n], tokens, keep):
+    new = [int(t) for t in row[k] if int(t) != eos]
+    written += int(k.sum())
+    text = tokenizer.decode(list(map(int, prompt)) + new, skip_special_tokens=True)
+    lines.append(json.dumps({"text": text}) + "\n")
+  return lines, written
+
+
 def build_corpus(teacher: ModelConfig, teacher_params, tokenizer, paragraphs: list[str],
                  out_dir: str | os.PathLike, settings: SeqKDSettings,
                  teacher_name: str = "", max_batches: int = 0) -> dict:
@@ -83,22 +119,11 @@ def build_corpus(teacher: ModelConfig, teacher_params, tokenizer, paragraphs: li
   import jax
   import jax.numpy as jnp
 
-  from cbd_jax.generate import generate
-
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  wanted = {"settings": dataclasses.asdict(settings), "teacher": teacher_name,
-            "teacher_params": num_params(teacher)}
-  meta = load_meta(out_dir)
-  if meta is not None and {k: meta.get(k) for k in wanted} != wanted:
-    raise ValueError(f"{out_dir / META} was written with other settings or another teacher "
-                     f"({ {k: meta.get(k) for k in wanted} }); use another folder")
-  if meta is None:
-    meta = dict(wanted, batches_done=0, bytes=0, sequences=0, teacher_tokens=0,
-                generated_tokens=0, teacher_flops=0, seconds=0.0)
+  meta = _start_meta(out_dir, {"settings": dataclasses.asdict(settings), "teacher": teacher_name,
+                               "teacher_params": num_params(teacher)})
   corpus = out_dir / CORPUS
-  with open(corpus, "ab") as f:  # Drop whatever a crash left after the last finished batch.
-    f.truncate(meta["bytes"])
   num_batches = -(-settings.num_sequences // settings.batch_size)
   if meta["batches_done"] >= num_batches:
     return meta
@@ -111,26 +136,16 @@ def build_corpus(teacher: ModelConfig, teacher_params, tokenizer, paragraphs: li
   for b in range(meta["batches_done"], last):
     start = time.time()
     rows = prompts[b * settings.batch_size:(b + 1) * settings.batch_size]
-    n = len(rows)
-    if n < settings.batch_size:  # Same shapes every batch (one compile); extra rows dropped.
-      rows = np.concatenate([rows, np.repeat(rows[-1:], settings.batch_size - n, 0)])
-    tokens, keep = generate(teacher, params, jnp.asarray(rows), jnp.ones(rows.shape, jnp.int32),
-                            jax.random.fold_in(key, b), settings.new_tokens,
-                            settings.temperature, settings.top_k, eos)
-    tokens, keep = np.asarray(tokens)[:n], np.asarray(keep)[:n].astype(bool)
-    lines, written = [], 0
-    for prompt, row, k in zip(rows[:n], tokens, keep):
-      new = [int(t) for t in row[k] if int(t) != eos]
-      written += int(k.sum())
-      text = tokenizer.decode(list(map(int, prompt)) + new, skip_special_tokens=True)
-      lines.append(json.dumps({"text": text}) + "\n")
+    lines, written = _generate_batch(teacher, params, tokenizer, rows,
+                                     jax.random.fold_in(key, b), settings, eos)
     with open(corpus, "ab") as f:
       f.write("".join(lines).encode())
       f.flush()
       os.fsync(f.fileno())
     # Compute spent, padding rows and steps after eos included: B * (P + N) teacher positions.
     read = settings.batch_size * (settings.prompt_tokens + settings.new_tokens)
-    meta.update(batches_done=b + 1, bytes=corpus.stat().st_size, sequences=meta["sequences"] + n,
+    meta.update(batches_done=b + 1, bytes=corpus.stat().st_size,
+                sequences=meta["sequences"] + len(rows),
                 teacher_tokens=meta["teacher_tokens"] + read,
                 generated_tokens=meta["generated_tokens"] + written,
                 teacher_flops=meta["teacher_flops"] + 2 * num_params(teacher) * read,
