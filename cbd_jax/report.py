@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cbd_jax import gguf_cache, heldout, hf_io, manifest, sizing
+from cbd_jax import evaluation, gguf_cache, heldout, hf_io, manifest, sizing
 from cbd_jax.config import ModelConfig, num_params
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def evaluate_models(models: list[dict], text_file: str | Path, eval_tokens: int,
     quality = heldout.evaluate(config, params, texts[key])
     m.update(loss=quality["loss"], ppl=quality["ppl"], bpb=quality["bpb"],
              eval_tokens=quality["tokens"], eval_bytes=quality["bytes"],
-             num_params=num_params(config), shape=_shape(config))
+             num_params=num_params(config), shape=_shape(config),
+             tasks=evaluation.read_task_scores(m["path"]))  # launch/evaluate.py's results.
     log.info("%s: held-out ppl %.2f, %.3f bits/byte", m["name"], m["ppl"], m["bpb"])
   return models
 
@@ -122,6 +123,8 @@ def format_report(report: dict) -> str:
     if m["role"] == "target":
       out.append(f"{m['name']}: interpolated from {m['anchors'][0]} and {m['anchors'][1]} "
                  f"(alpha {m['alpha']:.3f}); teacher calls spent on it: 0, training tokens: 0.")
+  out += [f"{m['name']} tasks: {evaluation.format_task_scores(m['tasks'])}"
+          for m in models if m.get("tasks")]
   files = report["files"]
   out += ["", "Files:", f"  manifest  {files['manifest']}"]
   out += [f"  anchor    {p}" for p in files["anchors"]]

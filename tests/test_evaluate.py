@@ -2,6 +2,7 @@
 equal lm-eval's own `hf` (PyTorch) backend on the same folder; the launcher writes results."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -134,22 +135,39 @@ def test_greedy_generation_matches_hf(backends):
   assert got_cut[1] == got[1].split(stop)[0] and len(got_cut[1]) < len(got[1])
 
 
-def test_launcher_writes_results_and_refuses_bad_input(folders, task_dir, tmp_path, capsys):
+def test_launcher_writes_results_the_report_shows(folders, task_dir, tmp_path, capsys):
   import importlib.util
   from pathlib import Path
+
+  from cbd_jax import report
 
   path = Path(__file__).parent.parent / "launch" / "evaluate.py"
   spec = importlib.util.spec_from_file_location("evaluate_launcher", path)
   launcher = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(launcher)
-  out, folder = tmp_path / "r.json", folders["gpt2"]
+  folder = str(tmp_path / "model")
+  shutil.copytree(folders["gpt2"], folder)  # A folder of its own: results are written in it.
   assert launcher.main([f"--model={folder}", f"--tasks={TASK}", f"--include_path={task_dir}",
-                        "--limit=4", "--batch_size=8", f"--output={out}"]) == 0
-  assert json.loads(out.read_text())["results"][TASK]["sample_len"] == 4
+                        "--limit=4", "--batch_size=8"]) == 0
+  written = evaluation.results_path(folder)
+  assert json.loads(written.read_text())["results"][TASK]["sample_len"] == 4
+  models = [{"name": "t", "role": "target", "path": folder, "anchors": ["a", "b"], "alpha": 0.5,
+             "tokens": 0, "teacher_flops": 0}]
+  text = assets.english_text()["heldout"]
+  models = report.evaluate_models(models, text, eval_tokens=256, seq_len=64)
+  assert models[0]["tasks"] == evaluation.read_task_scores(folder) != {}
+  printed = report.format_report({"heldout": {"file": str(text), "eval_tokens": 256,
+                                              "seq_len": 64}, "models": models,
+                                  "chain_tokens": 0, "chain_teacher_flops": 0.0,
+                                  "files": {"manifest": "m", "anchors": [], "targets": [folder],
+                                            "metrics": "x", "report": "r"}})
+  assert f"t tasks: {TASK} acc " in printed
   assert launcher.main([f"--model={folder}", "--tasks=no_such_task_x",
                         f"--include_path={task_dir}"]) == 2
   assert "unknown task(s) no_such_task_x" in capsys.readouterr().err
   assert launcher.main([f"--model={tmp_path}/missing", f"--tasks={TASK}",
                         f"--include_path={task_dir}"]) == 2
   assert "no such file or folder" in capsys.readouterr().err
-  assert out.exists()  # A failed run leaves earlier results alone.
+  assert launcher.main([f"--model={folder}", f"--tasks={TASK}", "--include_path=/no/dir"]) == 2
+  assert "not a folder" in capsys.readouterr().err
+  assert json.loads(written.read_text())["results"][TASK]["sample_len"] == 4  # Kept.
