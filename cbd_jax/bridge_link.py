@@ -9,9 +9,10 @@
   trains on it with plain cross-entropy (`cbd_jax.lm_step`); no teacher during training.
 
 The student starts from ``link.init`` (a checkpoint with the student's tokenizer) or random
-weights of shape ``link.student`` (Shrink cannot cross families). Checkpoints, metrics, resume
-and export follow the plain chain driver: the finished anchor is an HF folder with the *student's*
-tokenizer, so the next link of the chain distils from it like any other anchor.
+weights of shape ``link.student`` (Shrink cannot cross families). Both bridges are kinds of link
+(`cbd_jax.link_driver.LinkKind`): checkpoints, metrics, resume and export are the one driver's.
+The finished anchor is an HF folder with the *student's* tokenizer, so the next link of the chain
+distils from it like any other anchor.
 """
 
 from __future__ import annotations

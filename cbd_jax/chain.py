@@ -1,11 +1,13 @@
 """The chain driver: distil anchor after anchor, each from its predecessor, resumably.
 
 Link k's teacher is anchor k-1 (the source for k = 0). Its student starts from the link's public
-checkpoint (``link.init``) or from Shrink of the teacher to ``link.shape``. The student trains
-with the sharded distillation step; Orbax checkpoints are written every ``checkpoint.every``
-steps and at the end; the finished anchor is exported as a Hugging Face folder with the teacher's
-tokenizer under ``<workdir>/anchors/<name>`` and recorded in ``<workdir>/chain.json``. Running the
-same command again skips finished links and resumes the running one at its last checkpoint.
+checkpoint (``link.init``) or from Shrink of the teacher to ``link.shape``. A link is a kind
+(`KDLink` here, the bridged kinds in `cbd_jax.bridge_link`) run by the one link driver
+(`cbd_jax.link_driver`): the sharded step, Orbax checkpoints every ``checkpoint.every`` steps
+and at the end, evaluation and metrics. The finished anchor is exported as a Hugging Face folder
+with its tokenizer under ``<workdir>/anchors/<name>`` and recorded in ``<workdir>/chain.json``.
+Running the same command again skips finished links and resumes the running one at its last
+checkpoint.
 """
 
 from __future__ import annotations
