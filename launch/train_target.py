@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,22 @@ def main(argv):
                f"{ev['ppl']:.2f}" if "ppl" in ev else "-", done.get("out"))
 
 
+def _launch(args: list[str]) -> None:
+  """Checks the config file, overrides and flags (one-line errors), then runs `main`."""
+  from cbd_jax import cli
+
+  argv = [sys.argv[0], *args]
+  cli.check_config_args(argv[1:])
+  app.define_help_flags()
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    raise cli.UsageError(f"{e}; see {Path(argv[0]).name} --helpfull") from None
+  main(rest)
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
-  app.run(main)
+  from cbd_jax import cli
+
+  cli.run(_launch)
