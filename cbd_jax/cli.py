@@ -248,6 +248,9 @@ def _parse_value(raw: str, current: Any, field: str) -> Any:
   if hasattr(current, "keys"):
     raise UsageError(f"--config.{field}: is a group of fields; set them one by one, e.g. "
                      f"--config.{field}.{sorted(current.keys())[0]}=...")
+  if current is None:  # As ml_collections.config_flags: a None field has no type to parse to.
+    raise UsageError(f"--config.{field}: is None in the config, so its type is unknown and it "
+                     "cannot be set from the command line; set it in the config file")
   try:
     return ast.literal_eval("True" if raw == "true" else "False" if raw == "false" else raw)
   except (ValueError, SyntaxError):

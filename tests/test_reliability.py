@@ -53,6 +53,9 @@ def test_train_chain_bad_config_is_one_line(args, expected):
     ("configs/qwen_chain.py:smoke", ["chain[0].loss=3"],
      "--config.chain[0].loss: is a group of fields; set them one by one, e.g. "
      "--config.chain[0].loss.ce_weight=..."),
+    ("configs/qwen_chain.py", ["source.random_init=3"],
+     "--config.source.random_init: is None in the config, so its type is unknown and it cannot "
+     "be set from the command line; set it in the config file"),
     ("configs/qwen_chain.py", ["source.random_init.seed=3"],
      "--config.source.random_init.seed: source.random_init is None, it has no field 'seed'"),
     ("configs/qwen_chain.py:smoke", ["chain[7].steps=3"],
