@@ -66,4 +66,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from cbd_jax import cli
+
+  cli.run(main)
