@@ -141,6 +141,10 @@ def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfi
       size = _tokenizer_size(path)
       if size is not None and size <= config.vocab_size:
         config = config.replace(real_vocab_size=size)
+      elif size is not None:
+        log.warning("%s: the tokenizer has %d tokens but the model only %d embedding rows; ids "
+                    ">= %d are refused by forward and must not reach training", path, size,
+                    config.vocab_size, config.vocab_size)
     tensors = _read_weights(path)
     where = str(path)
   if dtype is not None:

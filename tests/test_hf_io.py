@@ -414,3 +414,13 @@ def test_config_json_numbers_of_the_wrong_type(tmp_path, saved_llama):
     kind = "number" if field == "rms_norm_eps" else "integer"
     _one_line_error(ConfigError, lambda: cbd_jax.load_hf(folder),
                     f"config.json: {field}={value!r} must be a positive {kind}")
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_reported(tmp_path, caplog):
+  params = cbd_jax.init_params(TINY, jax.random.key(0))
+  cbd_jax.save_hf(TINY, params, tmp_path / "m", tokenizer=_word_tokenizer(70))
+  with caplog.at_level("WARNING", logger="cbd_jax.hf_io"):
+    config, _ = cbd_jax.load_hf(tmp_path / "m")
+  assert config.real_vocab_size is None
+  assert (f"{tmp_path / 'm'}: the tokenizer has 70 tokens but the model only 64 embedding rows"
+          in caplog.text)
