@@ -127,8 +127,41 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
   """The first rule whose regex is found in ``path``, fitted to ``shape``; replicated if none."""
   for pattern, spec in rules:
     if re.search(pattern, path):
-      return _fit_spec(spec, tuple(shape), mesh)
+      fitted = _fit_spec(spec, tuple(shape), mesh)
+      if "fsdp" in _axes(spec) and "fsdp" not in _axes(fitted):
+        fitted = _refit_fsdp(fitted, tuple(shape), mesh, stacked=path.startswith("layers/"))
+      return fitted
   return P()
+
+
+def _axes(spec: P) -> set[str]:
+  """Mesh axes a spec names."""
+  out = set()
+  for entry in spec:
+    out.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
+  return out
+
+
+def _refit_fsdp(spec: P, shape: tuple[int, ...], mesh: Mesh, stacked: bool) -> P:
+  """FSDP on the largest dimension ``fsdp`` divides when the rule's own dimension it does not.
+
+  (e.g. Qwen2.5-0.5B's 896 channels over 256 chips: its 4,864 FFN neurons split instead.) The
+  layer axis of stacked leaves is never split: the layer scan slices it.
+  """
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  best = None
+  for i in range(1 if stacked else 0, len(shape)):
+    kept = (entries[i],) if isinstance(entries[i], str) else tuple(entries[i] or ())
+    size = mesh.shape["fsdp"] * math.prod(mesh.shape[a] for a in kept)
+    if mesh.shape["fsdp"] > 1 and shape[i] % size == 0 and (best is None or shape[i] > best[1]):
+      best = (i, shape[i], kept)
+  if best is None:
+    return spec
+  i, _, kept = best
+  entries[i] = (*kept, "fsdp") if kept else "fsdp"
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> Any:

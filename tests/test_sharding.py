@@ -58,6 +58,17 @@ def test_axes_that_do_not_divide_a_dimension_are_dropped():
   assert spec_for("anything/else", (3, 5), mesh) == P()
 
 
+def test_fsdp_moves_to_a_dimension_it_divides():
+  mesh = make_mesh({"fsdp": 8})
+  # 12 channels cannot be split 8 ways; 64 FFN neurons can, so FSDP still shards the leaf.
+  assert spec_for("layers/mlp/up/weight", (2, 64, 12), mesh) == P(None, "fsdp")
+  assert spec_for("embed/embedding", (64, 12), mesh) == P("fsdp")
+  # The layer axis of stacked leaves is never split; nothing else divides: replicated.
+  assert spec_for("layers/mlp/down/weight", (8, 12, 12), mesh) == P()
+  # Where the rule's dimension divides, nothing moves.
+  assert spec_for("layers/mlp/up/weight", (2, 12, 64), mesh) == P(None, None, "fsdp")
+
+
 def test_parse_rules_and_batch_sharding():
   rules = parse_rules([("mlp/.*/weight$", (None, ("fsdp", "tensor"), None))])
   mesh = make_mesh({"fsdp": 2, "tensor": 4})
