@@ -88,10 +88,15 @@ class JaxLM(TemplateLM):
   def __init__(self, pretrained: str, batch_size=16, max_length: int | None = None,
                dtype: str = "float32", fsdp: int = 1, tensor: int = 1, max_gen_toks: int = 256,
                add_bos_token: bool | None = None, seed: int = 0, tokenizer: str | None = None,
-               **unused):
+               **harness_args):
     """``dtype``: weights and compute (float32 or bfloat16); ``fsdp``/``tensor``: mesh axes that
     shard the weights (the rest of the devices split the batch)."""
     super().__init__()
+    unknown = set(harness_args) - {"device", "max_batch_size"}  # What lm-eval adds on its own.
+    if unknown:
+      raise ValueError(f"unknown cbd_jax model argument(s) {sorted(unknown)}; use pretrained, "
+                       "batch_size, max_length, dtype, fsdp, tensor, max_gen_toks, add_bos_token, "
+                       "seed or tokenizer")
     from cbd_jax import hf_io
 
     config, params = hf_io.load_hf_numpy(pretrained, dtype=jnp.dtype(dtype))

@@ -171,3 +171,8 @@ def test_launcher_writes_results_the_report_shows(folders, task_dir, tmp_path, c
   assert launcher.main([f"--model={folder}", f"--tasks={TASK}", "--include_path=/no/dir"]) == 2
   assert "not a folder" in capsys.readouterr().err
   assert json.loads(written.read_text())["results"][TASK]["sample_len"] == 4  # Kept.
+
+
+def test_misspelled_model_argument_is_refused():
+  with pytest.raises(ValueError, match=r"unknown cbd_jax model argument\(s\) \['dtyp'\]"):
+    JaxLM(pretrained="unused", dtyp="bfloat16")
