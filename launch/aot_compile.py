@@ -74,7 +74,9 @@ def main(argv):
   print(f"{_TOPOLOGY.value}{slices}: per-chip memory in GiB")
   print(aot.format_reports(reports))
   if _JSON.value:
-    Path(_JSON.value).write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    doc = {"topology": _TOPOLOGY.value, "num_slices": _SLICES.value, "argv": sys.argv[1:],
+           "links": [r.to_dict() for r in reports]}
+    Path(_JSON.value).write_text(json.dumps(doc, indent=1))
   links = {link.name: link for link in config.chain}
   failed = [r for r in reports if not r.fits or r.eval_fits is False]
   for r in failed:
