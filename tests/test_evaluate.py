@@ -176,3 +176,16 @@ def test_launcher_writes_results_the_report_shows(folders, task_dir, tmp_path, c
 def test_misspelled_model_argument_is_refused():
   with pytest.raises(ValueError, match=r"unknown cbd_jax model argument\(s\) \['dtyp'\]"):
     JaxLM(pretrained="unused", dtyp="bfloat16")
+
+
+def test_news_task_true_sentence_follows_its_context():
+  text = assets.english_text()["heldout"].read_text(encoding="utf-8")
+  dataset = news_next.load(num_docs=20, seed=3)["test"]
+  assert len(dataset) == 20 and dataset[0] == news_next.load(num_docs=20, seed=3)["test"][0]
+  for doc in dataset:
+    assert len(doc["choices"]) == 4 and len(set(doc["choices"])) == 4
+    assert f"{doc['context']} {doc['choices'][doc['label']]}" in text
+    others = [c for i, c in enumerate(doc["choices"]) if i != doc["label"]]
+    assert all(f"{doc['context']} {c}" not in text for c in others)
+  assert len({doc["label"] for doc in dataset}) > 1  # The answer's place is shuffled.
+  assert "cbd_news_next" in evaluation.check_tasks(["cbd_news_next"]).all_tasks
