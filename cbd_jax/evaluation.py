@@ -83,11 +83,21 @@ def evaluate_model(model_dir: str, tasks: str | list[str], num_fewshot: int | No
   return results
 
 
+_PER_TASK = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+             "higher_is_better", "n-samples")
+
+
 def write_results(results: dict, path: Path) -> Path:
-  """lm-eval's results as JSON (samples left out), written whole or not at all."""
+  """lm-eval's results as JSON (samples left out), written whole or not at all; tasks of an
+  earlier file at ``path`` that this run did not evaluate are kept."""
   from lm_eval.utils import handle_non_serializable
 
   data = {k: v for k, v in results.items() if k != "samples"}
+  if path.is_file():
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in _PER_TASK:
+      if isinstance(old.get(key), dict) and isinstance(data.get(key, {}), dict):
+        data[key] = {**old[key], **data.get(key, {})}
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
   with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -189,3 +189,16 @@ def test_news_task_true_sentence_follows_its_context():
     assert all(f"{doc['context']} {c}" not in text for c in others)
   assert len({doc["label"] for doc in dataset}) > 1  # The answer's place is shuffled.
   assert "cbd_news_next" in evaluation.check_tasks(["cbd_news_next"]).all_tasks
+
+
+def test_results_of_earlier_tasks_are_kept(tmp_path):
+  path = tmp_path / "lm_eval" / "results.json"
+  evaluation.write_results({"results": {"a": {"acc,none": 0.5}}, "versions": {"a": 1},
+                            "samples": {"a": []}}, path)
+  evaluation.write_results({"results": {"b": {"acc,none": 0.25, "acc_stderr,none": 0.1},
+                                        "a": {"acc,none": 0.75}}, "versions": {"b": 2}}, path)
+  written = json.loads(path.read_text())
+  assert written["results"] == {"a": {"acc,none": 0.75},
+                                "b": {"acc,none": 0.25, "acc_stderr,none": 0.1}}
+  assert written["versions"] == {"a": 1, "b": 2} and "samples" not in written
+  assert evaluation.read_task_scores(tmp_path) == {"a": {"acc": 0.75}, "b": {"acc": 0.25}}
