@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbd_jax import align, interpolate, model, resize
+from cbd_jax import align, heldout, interpolate, model, resize
 from cbd_jax.config import ModelConfig
 
 LAYER_CHOICES = ("even", "influence", "greedy")
@@ -63,15 +63,21 @@ def _without_layers(params: dict, dropped) -> dict:
 
 
 def greedy_layers(config: ModelConfig, params: dict, keep: np.ndarray, n_target: int,
-                  ids_NxT: np.ndarray) -> np.ndarray:
-  """Drops layers one at a time (never those in ``keep``), each time the one whose block
-  influence, measured on the model without the layers already dropped, is least."""
+                  ids_NxT: np.ndarray, tries: int = 1) -> np.ndarray:
+  """Drops layers one at a time (never those in ``keep``): of the ``tries`` layers whose block
+  influence, measured on the model without the layers already dropped, is least, the one whose
+  removal raises the loss on ``ids`` least (``tries=1``: the least influential, no loss)."""
   kept = np.arange(config.num_layers)
   while len(kept) > n_target:
     dropped = np.setdiff1d(np.arange(config.num_layers), kept)
     scores = block_influence(config, _without_layers(params, dropped), ids_NxT)
     free = np.setdiff1d(kept, keep)
-    kept = np.setdiff1d(kept, free[np.argmin(scores[free])])
+    options = free[np.argsort(scores[free], kind="stable")[:tries]]
+    if len(options) > 1:
+      losses = [heldout.mean_nll(config, _without_layers(params, np.append(dropped, b)), ids_NxT)
+                for b in options]
+      options = options[[int(np.argmin(losses))]]
+    kept = np.setdiff1d(kept, options[0])
   return kept
 
 
@@ -114,6 +120,7 @@ class Recipe:
   depth: str = "zero"
   align_layers: bool = True
   align_units: bool = True
+  gains: bool = True
 
   def __post_init__(self):
     checks = (("method", self.method, METHODS), ("layers", self.layers, ("auto",) + LAYER_CHOICES),
@@ -156,50 +163,134 @@ def choose_alpha(target: ModelConfig, views, rule: str, ids_NxT: np.ndarray,
   return min(losses, key=losses.get), dict(sorted(losses.items()))
 
 
-def make_target(small, large, target: ModelConfig, recipe: Recipe = Recipe(), rows=None,
+def _split(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Calibration rows in two halves: one to fit residual gains on, one to check them on."""
+  half = max(1, len(rows) // 2)
+  return rows[:half], rows[half:] if len(rows) > 1 else rows
+
+
+def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
+  """(views, info): the large anchor's layers kept, by Shrink(large)'s loss on ``rows`` when
+  calibrating and more than one choice is allowed; evenly spread otherwise."""
+  r = recipe
+  sets = layer_sets(small, large, target, rows) if rows is not None and r.align_layers else {}
+  if r.layers != "auto":
+    sets = {r.layers: sets[r.layers]} if r.layers in sets else {}
+
+  def views_of(layers):
+    return interpolate.anchor_views(small, large, target, shrink, r.grow_method, r.depth,
+                                    align_layers=r.align_layers, align_units=False,
+                                    large_layers=layers)
+
+  info = {"layer_choice": "even", "large_layers": None}
+  if not sets:
+    return views_of(None), info
+  scores = {n: interpolate.mixed_loss(target, views_of(v), 0.0, r.mix_rule, rows)
+            for n, v in sets.items()}
+  choice = min(scores, key=scores.get)
+  log("large-anchor layers (calibration loss of Shrink(large)): " +
+      ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
+  info.update(layer_choice=choice, large_layers=sets[choice].tolist(), layer_losses=scores)
+  return views_of(sets[choice]), info
+
+
+def _calibrate_gains(target, params, large, rows, log) -> tuple[dict, dict]:
+  """Per-layer residual gains fitted on half the calibration rows towards the large anchor's
+  next-token distributions; kept only if they lower the target's own loss on the other half."""
+  fit_rows, check_rows = _split(rows)
+  gains, _ = fit_residual_gains(target, params, large, fit_rows)
+  gained = scale_outputs(params, gains)
+  before = heldout.mean_nll(target, params, check_rows)
+  after = heldout.mean_nll(target, gained, check_rows)
+  keep = after < before
+  log(f"residual gains: check loss {before:.4f} -> {after:.4f} ({'kept' if keep else 'dropped'})")
+  info = {"gains": gains.tolist() if keep else None, "gain_check_losses": [before, after]}
+  return (gained if keep else params), info
+
+
+def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
                 log=print) -> tuple[dict, dict]:
   """(params, info) of a ``target``-shaped model between ``small`` and ``large`` (``(config,
   params)`` pairs), made by ``recipe``; ``rows`` [N, T] calibration token ids (``method="cbd"``
-  without them: alpha from parameter counts and evenly spread layers)."""
-  r = recipe
+  without them: alpha from parameter counts and evenly spread layers, no gains)."""
+  r = recipe or Recipe()
   (cs, ps), (cl, pl) = small, large
   resize.check_compatible(cs, cl)
-  shrink = r.shrink_method
-  if r.align_units:
-    pl, shrink = align.align_units(cs, ps, cl, pl, extras=r.shrink_method), "leading"
-  large = (cl, pl)
   for anchor, alpha in ((small, 1.0), (large, 0.0)):  # A target of an anchor's shape is it.
     if target.to_dict() == anchor[0].replace(dtype=target.dtype, remat=target.remat).to_dict():
       log(f"the target has the {'small' if alpha else 'large'} anchor's shape: alpha = {alpha}")
       return jax.tree.map(np.asarray, anchor[1]), {"method": r.method, "alpha": alpha,
                                                    "rule": r.mix_rule, "layer_choice": None}
-  calibrated = r.method == "cbd" and rows is not None
-  sets = layer_sets(small, large, target, rows) if calibrated and r.align_layers else {}
-  if r.layers != "auto":
-    sets = {r.layers: sets[r.layers]} if r.layers in sets else {}
-  info = {"method": r.method, "rule": r.mix_rule, "layer_choice": "even", "large_layers": None,
-          "calibration_tokens": int(rows[:, 1:].size) if calibrated else 0}
-  views_of = lambda layers: interpolate.anchor_views(  # noqa: E731
-      small, large, target, shrink, r.grow_method, r.depth, align_layers=r.align_layers,
-      align_units=False, large_layers=layers)
-  candidates = {name: views_of(layers) for name, layers in sets.items()} or {"even": views_of(None)}
-  if calibrated and len(candidates) > 1:  # The layer choice whose Shrink(large) fits best.
-    scores = {n: interpolate.mixed_loss(target, v, 0.0, r.mix_rule, rows)
-              for n, v in candidates.items()}
-    log("large-anchor layers (calibration loss of Shrink(large)): " +
-        ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
-    info["layer_losses"] = scores
-    candidates = {min(scores, key=scores.get): None}
-    candidates = {n: views_of(sets[n]) for n in candidates}
-  (choice, views), = candidates.items()
-  info.update(layer_choice=choice, large_layers=None if choice not in sets
-              else sets[choice].tolist())
+  shrink = r.shrink_method
+  if r.align_units:
+    pl, shrink = align.align_units(cs, ps, cl, pl, extras=r.shrink_method), "leading"
+  rows = rows if r.method == "cbd" else None
+  views, info = _choose_views(small, (cl, pl), target, r, shrink, rows, log)
+  info.update(method=r.method, rule=r.mix_rule,
+              calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
   alpha = r.alpha
-  if alpha is None and calibrated:
+  if alpha is None and rows is not None:
     alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, rows)
   elif alpha is None:
     alpha = interpolate.default_alpha(cs, cl, target)
   info["alpha"] = alpha
-  log(f"alpha = {alpha:.4f} (weight of the small anchor), mix {r.mix_rule}, large-anchor layers "
-      f"{choice}" + (f" {info['large_layers']}" if info["large_layers"] else ""))
-  return interpolate.mix(views, alpha, r.mix_rule), info
+  log(f"alpha = {alpha:.4f} (weight of the small anchor), mix {r.mix_rule}")
+  params = interpolate.mix(views, alpha, r.mix_rule)
+  if rows is not None and r.gains:
+    params, gain_info = _calibrate_gains(target, params, (cl, pl), rows, log)
+    info.update(gain_info)
+  return params, info
+
+
+def scale_outputs(params: dict, scales_Lx2) -> dict:
+  """``params`` with layer l's attention output (o) scaled by scales[l, 0] and its MLP output
+  (down) by scales[l, 1] (their biases too): per-layer residual-branch gains."""
+  flat = dict(resize.flatten(params))
+  for path, col in (("layers/attn/o/", 0), ("layers/mlp/down/", 1)):
+    for leaf in ("weight", "bias"):
+      if path + leaf in flat:
+        x = flat[path + leaf]
+        s = scales_Lx2[:, col].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        flat[path + leaf] = x * s
+  return resize.unflatten(flat)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _large_logprobs(config: ModelConfig, vocab: int, params, ids_BxT):
+  return jax.nn.log_softmax(model.forward(config, params, ids_BxT)[..., :vocab], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kl_and_grad(config: ModelConfig, vocab: int, scales, params, ids_BxT, ref_logp_BxTxV):
+  """KL(reference || model with the residual gains), mean over tokens, and its gradient."""
+  def kl(s):
+    logits = model.forward(config, scale_outputs(params, s), ids_BxT)[..., :vocab]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return (jnp.exp(ref_logp_BxTxV) * (ref_logp_BxTxV - logp)).sum(-1).mean()
+  return jax.value_and_grad(kl)(scales)
+
+
+def fit_residual_gains(config: ModelConfig, params: dict, reference, ids_NxT: np.ndarray,
+                       steps: int = 30, lr: float = 0.05) -> tuple[np.ndarray, list[float]]:
+  """(gains [L, 2], KLs): per-layer gains of the attention and MLP outputs (Adam from 1.0,
+  full batch) that bring the model's next-token distributions on ``ids`` towards those of
+  ``reference`` (a ``(config, params)`` model of the same vocabulary: the large anchor); the
+  gains of the lowest KL seen."""
+  import optax
+
+  vocab = config.vocab_limit
+  ids = jnp.asarray(ids_NxT[:, :-1])
+  ref = _large_logprobs(reference[0], vocab, jax.device_put(reference[1]), ids)
+  params = jax.device_put(params)
+  gains = jnp.ones((config.num_layers, 2), jnp.float32)
+  opt = optax.adam(lr)
+  state = opt.init(gains)
+  best, kls = (np.asarray(gains), np.inf), []
+  for _ in range(steps + 1):
+    kl, grad = _kl_and_grad(config, vocab, gains, params, ids, ref)
+    kls.append(float(kl))
+    if kls[-1] < best[1]:
+      best = (np.asarray(gains), kls[-1])
+    updates, state = opt.update(grad, state)
+    gains = optax.apply_updates(gains, updates)
+  return best[0], kls

@@ -14,35 +14,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cbd_jax import calibrate, heldout, hf_io, sizing
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax import calibrate, heldout, hf_io, manifest, sizing
+from cbd_jax.config import num_params
 
-MANIFEST = "chain.json"
+MANIFEST = manifest.MANIFEST
 
 
 def pick_anchors(chain_dir: str | Path, size: str | int, use_source: bool = False
                  ) -> tuple[Path, Path]:
   """(small, large) anchor folders of a chain: adjacent "done" anchors bracketing ``size``."""
   chain_dir = Path(chain_dir)
-  manifest = chain_dir / MANIFEST
-  if not manifest.exists():
-    raise FileNotFoundError(f"{manifest} not found; build the chain first (python "
+  if not (chain_dir / MANIFEST).exists():
+    raise FileNotFoundError(f"{chain_dir / MANIFEST} not found; build the chain first (python "
                             "launch/train_chain.py), pass --chain DIR, or pass --anchors A,B")
-  try:
-    chain = json.loads(manifest.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{manifest}: invalid JSON ({e}); rebuild or repair the manifest") from None
-  entries = [a for a in chain.get("anchors", []) if a.get("status") == "done"]
-  if use_source and "source" in chain:
-    entries.append({"name": "source", **chain["source"]})
-  found = []
-  for entry in entries:
-    count = entry.get("num_params") or num_params(ModelConfig.from_dict(entry["config"]))
-    found.append((int(count), chain_dir / entry["path"], entry.get("name", entry["path"])))
-  found.sort()
+  doc = manifest.read(chain_dir)
+  entries = manifest.done_anchors(doc)
+  if use_source:
+    entries.append({"name": "source", **doc["source"]})
+  found = sorted((int(e["num_params"]), chain_dir / e["path"], e.get("name", e["path"]))
+                 for e in entries)
   if len(found) < 2:
-    raise ValueError(f"{manifest}: {len(found)} finished anchor(s), interpolation needs two; "
-                     "let the chain finish more anchors or pass --anchors A,B")
+    raise ValueError(f"{chain_dir / MANIFEST}: {len(found)} finished anchor(s), interpolation "
+                     "needs two; let the chain finish more anchors or pass --anchors A,B")
   want = sizing.parse_size(size)
   tol = 0.03
   for (p_s, path_s, _), (p_l, path_l, _) in zip(found, found[1:], strict=False):
@@ -62,11 +55,9 @@ def _has_tokenizer(folder: Path) -> bool:
 def chain_folders(chain_dir: Path) -> tuple[list[Path], Path | None]:
   """(every anchor folder listed in the chain's manifest, the chain's local training text file or
   None): what init_model must never overwrite, and what it calibrates on by default."""
-  doc = json.loads((chain_dir / MANIFEST).read_text())
-  folders = [chain_dir / a["path"] for a in doc.get("anchors", []) if "path" in a]
-  if "path" in doc.get("source", {}):
-    folders.append(Path(doc["source"]["path"]))
-  train = str(doc.get("config", {}).get("data", {}).get("train", ""))
+  doc = manifest.read(chain_dir)
+  folders = [chain_dir / a["path"] for a in doc["anchors"]] + [Path(doc["source"]["path"])]
+  train = str((doc.get("config") or {}).get("data", {}).get("train", ""))
   files = sorted(glob.glob(train)) if train else []
   return folders, (Path(files[0]) if files and Path(files[0]).is_file() else None)
 

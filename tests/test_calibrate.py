@@ -97,7 +97,8 @@ def test_intermediate_targets_are_finite_and_the_choices_are_the_calibration_min
   target = small[0].replace(num_layers=4, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   lines = []
-  params, info = calibrate.make_target(small, large, target, rows=IDS, log=lines.append)
+  params, info = calibrate.make_target(small, large, target, calibrate.Recipe(gains=False),
+                                       rows=IDS, log=lines.append)
   assert np.isfinite(np.asarray(model.forward(target, params, IDS))).all()
   losses = info["alpha_losses"]
   assert info["alpha"] == min(losses, key=losses.get) and len(losses) >= 5
@@ -106,6 +107,28 @@ def test_intermediate_targets_are_finite_and_the_choices_are_the_calibration_min
   assert losses[info["alpha"]] == pytest.approx(interpolate.heldout_loss(target, params, IDS),
                                                 rel=1e-5)
   assert any("alpha =" in line for line in lines)
+
+
+def test_residual_gains_move_the_target_towards_the_large_anchor_and_are_checked():
+  small, large = _chain()
+  target = small[0].replace(num_layers=4, intermediate_size=64)
+  views = interpolate.anchor_views(small, large, target)
+  params = interpolate.mix(views, 0.5, "output")
+  gains, kls = calibrate.fit_residual_gains(target, params, large, IDS, steps=8)
+  assert gains.shape == (4, 2) and min(kls) < kls[0]
+  # scale_outputs multiplies exactly the o and down weights of each layer.
+  scaled = resize.flatten(calibrate.scale_outputs(params, gains))
+  flat = resize.flatten(params)
+  for path, x in scaled.items():
+    if path == "layers/attn/o/weight":
+      np.testing.assert_allclose(x, flat[path] * gains[:, 0, None, None, None], rtol=1e-6)
+    elif path == "layers/mlp/down/weight":
+      np.testing.assert_allclose(x, flat[path] * gains[:, 1, None, None], rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(x, flat[path])
+  _, info = calibrate.make_target(small, large, target, rows=IDS, log=str)
+  before, after = info["gain_check_losses"]
+  assert (info["gains"] is not None) == (after < before)
 
 
 def test_calibration_depends_only_on_the_rows_it_is_given():
