@@ -222,7 +222,7 @@ def _flops(compiled) -> float:
 def compile_link(config, link, student: ModelConfig, teacher: ModelConfig, mesh,
                  with_eval: bool = True) -> LinkReport:
   """Compiles one link's train (and eval) step on ``mesh``; per-chip memory, FLOPs and fit."""
-  from cbd_jax.chain import link_steps
+  from cbd_jax.link_driver import link_steps
   from cbd_jax.sharding import data_parallel_size
 
   rules = parse_rules(config.get("sharding_rules"))
