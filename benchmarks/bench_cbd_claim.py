@@ -111,35 +111,36 @@ def load_models(chain_dir: Path, size: str):
   return source, small, large, target_config, doc, shrink, (small_path, large_path)
 
 
-def initialisations(source, small, large, target_config, shrink_method: str, seed: int = 0):
-  """Host params on the target's shape for every method (b's and a's are the same)."""
+def initialisations(source, small, large, target_config, shrink_method: str, calib_rows,
+                    seed: int = 0):
+  """Host params on the target's shape for every method (b's and a's are the same: the default
+  of launch/init_model.py, calibrated on the chain's training text)."""
   import jax
   import numpy as np
 
-  from cbd_jax import interpolate, resize
+  from cbd_jax import calibrate, resize
   from cbd_jax import source as source_mod
 
-  cbd = interpolate.interpolate(small, large, target_config)
+  cbd, _ = calibrate.make_target(small, large, target_config, calibrate.Recipe(), calib_rows)
   grown = resize.grow(small[0], small[1], target_config, method="zero", depth="zero")
   shrunk = resize.shrink(source[0], source[1], target_config, method=shrink_method)
-  host = lambda p: jax.tree.map(np.asarray, p)
+  host = lambda p: jax.tree.map(np.asarray, p)  # noqa: E731
   return {"b": host(cbd), "c": source_mod.init_host_params(target_config, seed),
           "d": host(grown), "e": host(shrunk), "f": host(shrunk)}
 
 
-def zero_step_variants(small, large, target_config, ids_NxT, evaluate) -> dict[str, float]:
-  """Held-out loss at 0 tokens of the interpolation's other settings (no training, no teacher):
-  without unit alignment (units mixed by index), with the large anchor's layers chosen by block
-  influence, and with alpha chosen by the teacher-free sweep; ``ids`` is training text."""
-  from cbd_jax import importance, interpolate
+def zero_step_variants(small, large, target_config, calib_rows, evaluate) -> dict[str, float]:
+  """Held-out loss at 0 tokens of other recipes (no training, no teacher): the paper's plain
+  formula, and the default without unit alignment or without residual gains; ``calib_rows`` is
+  training text."""
+  from cbd_jax import calibrate
 
-  scores = importance.block_influence(*large, ids_NxT)
-  alpha, _ = interpolate.sweep_alpha(small, large, target_config, ids_NxT)
-  settings = {"no unit alignment": dict(align_units=False),
-              "block-influence layers": dict(large_layer_scores=scores),
-              f"alpha sweep (alpha = {alpha:.1f})": dict(alpha=alpha)}
-  return {name: evaluate(interpolate.interpolate(small, large, target_config, **kw))
-          for name, kw in settings.items()}
+  recipes = {"paper's formula": calibrate.Recipe(method="paper"),
+             "no unit alignment": calibrate.Recipe(align_units=False),
+             "no residual gains": calibrate.Recipe(gains=False)}
+  return {name: evaluate(calibrate.make_target(small, large, target_config, r, calib_rows,
+                                               log=lambda _: None)[0])
+          for name, r in recipes.items()}
 
 
 def chain_teacher_flops(doc: dict) -> int:
@@ -184,12 +185,14 @@ def run(args) -> dict:
   target_config = target_config.replace(dtype=preset.dtype)
   print(f"target {preset.size}: {target_config.num_layers} x {target_config.hidden_size}, "
         f"{num_params(target_config):,} params, between {paths[0].name} and {paths[1].name}")
-  inits = initialisations(source, small, large, target_config, shrink)
   tokenizer = hf_io.load_tokenizer(str(paths[0]))
   cfg = doc["config"]["data"]
   text = heldout.load_heldout(tokenizer, cfg["heldout"], preset.eval_tokens, preset.seq_len)
   train = data.PackedTokens(data.load_tokens(cfg["train"], tokenizer, chain_dir / "data_cache"),
                             preset.seq_len, int(cfg.get("seed", 0)))
+  calib_rows = np.asarray(train.sequences[:16], np.int32)
+  inits = initialisations(source, small, large, target_config.replace(dtype="float32"), shrink,
+                          calib_rows)
   steps = max(1, preset.tokens // (preset.batch_size * preset.seq_len))
   per_step = preset.batch_size * preset.seq_len
   eval_at = sorted({0, *[round(steps * (i + 1) / preset.evals) for i in range(preset.evals)]})
@@ -211,7 +214,7 @@ def run(args) -> dict:
     return loss
 
   variants = zero_step_variants(small, large, target_config.replace(dtype="float32"),
-                                np.asarray(train.sequences[:32], np.int32), evaluate)
+                                calib_rows, evaluate)
   for name, loss in variants.items():
     print(f"  (a) {'CBD interpolation, ' + name:<50} tokens {0:>10,}  held-out loss {loss:.4f}")
   curves, seconds = {}, {}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbd_jax import assets, hf_io, importance, interpolate, model, resize, sizing
+from cbd_jax import assets, calibrate, hf_io, importance, interpolate, model, resize, sizing
 from cbd_jax.config import num_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interpolation.json"
@@ -158,13 +158,14 @@ def main(argv=None) -> dict:
   rows["target: Shrink(large) alone (layers by block influence on Wikipedia)"] = ppl(
       target_cfg, resize.shrink(large_cfg, large, target_cfg, layer_select=bi_large))
   rows[f"target: interpolation, alpha={alpha0:.2f} (default), zero layers, no alignment"] = (
-      ppl(target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0,
+      ppl(target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, "plain",
                                               align_layers=False)))
-  variants = {"zero layers": dict(depth="zero"),
-              "zero layers, extra layers by block influence": dict(depth="zero",
-                                                                   large_layer_scores=bi_large),
-              "identity layers": dict(depth="identity"),
-              "zero layers + renormalize": dict(depth="zero", renormalize=True)}
+  variants = {"zero layers": dict(depth="zero", rule="plain"),
+              "zero layers, extra layers by block influence": dict(
+                  depth="zero", rule="plain", large_layer_scores=bi_large),
+              "identity layers": dict(depth="identity", rule="plain"),
+              "zero layers + renormalize": dict(depth="zero", rule="whole"),
+              "zero layers, output mix": dict(depth="zero", rule="output")}
   for name, kw in variants.items():
     rows[f"target: interpolation, alpha={alpha0:.2f} (default), aligned, {name}"] = ppl(
         target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, **kw))
@@ -178,6 +179,10 @@ def main(argv=None) -> dict:
   rows[f"target: interpolation, alpha={alpha_sel:.2f} and '{chosen}' chosen on Wikipedia"] = ppl(
       target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha_sel,
                                           **variants[chosen]))
+  default, info = calibrate.make_target(s_anchor, l_anchor, target_cfg, calibrate.Recipe(), select,
+                                        log=lambda _: None)
+  rows[f"target: init_model's default (calibrated on Wikipedia: alpha={info['alpha']:.2f}, "
+       f"{info['layer_choice']} layers)"] = ppl(target_cfg, default)
   lap("alpha and variant chosen on Wikipedia, evaluated on news")
 
   print(f"\nanchors: small {sizing.describe(small_cfg)}\n         large "
