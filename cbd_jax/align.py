@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.optimize
 
-from cbd_jax import importance, resize
+from cbd_jax import resize
 from cbd_jax.config import ModelConfig
 
 
@@ -184,13 +184,13 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
   if cs.hidden_size <= cl.hidden_size:
     sim = _features([np.asarray(fs["embed/embedding"], np.float32).T],
                     [np.asarray(fl["embed/embedding"], np.float32).T])
-    scores = importance.unit_scores(cl, resize.unflatten(fl))["D"] if scored else None
+    scores = resize.unit_scores(cl, resize.unflatten(fl))["D"] if scored else None
     _permute(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
   m = depth_counterparts(cs, small_params, cl, resize.unflatten(fl))
   gs, gl = cs.num_heads // cs.num_kv_heads, cl.num_heads // cl.num_kv_heads
   for j, b in enumerate(m):
     small, large = _layer_slices(cs, fs, j, d), _layer_slices(cl, fl, b, d)
-    scores = importance.unit_scores(cl, resize.unflatten(fl), layer=b) if scored else {}
+    scores = resize.unit_scores(cl, resize.unflatten(fl), layer=b) if scored else {}
     if cs.intermediate_size <= cl.intermediate_size:
       matched = assign(_features(small["F"], large["F"]))
       _permute(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)

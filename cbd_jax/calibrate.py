@@ -22,33 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbd_jax import align, heldout, interpolate, model, resize
+from cbd_jax import align, heldout, importance, interpolate, model, resize
 from cbd_jax.config import ModelConfig
 
 LAYER_CHOICES = ("even", "influence", "greedy")
 _OUT_LEAVES = ("layers/attn/o/weight", "layers/attn/o/bias", "layers/mlp/down/weight",
                "layers/mlp/down/bias")
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _residuals(config: ModelConfig, params: dict, ids_BxT) -> jax.Array:
-  """Per-layer residual streams [L + 1, B, T, D] (fp32)."""
-  _, per_layer = model.apply_hidden(config, params, ids_BxT, output_hidden=True)
-  return per_layer.astype(jnp.float32)
-
-
-def block_influence(config: ModelConfig, params: dict, ids_NxT: np.ndarray,
-                    batch_size: int = 4) -> np.ndarray:
-  """BI_l = 1 - mean_tokens cos(h_{l-1}, h_l): how much layer l turns the residual stream
-  (a dropped layer, with zero o and down, scores 0)."""
-  totals, count = np.zeros(config.num_layers), 0
-  for i in range(0, len(ids_NxT), batch_size):
-    h = np.asarray(_residuals(config, params, jnp.asarray(ids_NxT[i:i + batch_size])), np.float64)
-    cos = (h[:-1] * h[1:]).sum(-1) / (np.linalg.norm(h[:-1], axis=-1)
-                                      * np.linalg.norm(h[1:], axis=-1) + 1e-12)
-    totals += (1.0 - cos).sum(axis=(1, 2))
-    count += cos.shape[1] * cos.shape[2]
-  return totals / max(count, 1)
 
 
 def _without_layers(params: dict, dropped) -> dict:
@@ -70,7 +49,7 @@ def greedy_layers(config: ModelConfig, params: dict, keep: np.ndarray, n_target:
   kept = np.arange(config.num_layers)
   while len(kept) > n_target:
     dropped = np.setdiff1d(np.arange(config.num_layers), kept)
-    scores = block_influence(config, _without_layers(params, dropped), ids_NxT)
+    scores = importance.block_influence(config, _without_layers(params, dropped), ids_NxT)
     free = np.setdiff1d(kept, keep)
     options = free[np.argsort(scores[free], kind="stable")[:tries]]
     if len(options) > 1:
@@ -92,7 +71,7 @@ def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[s
     return {}
   free = np.setdiff1d(np.arange(cl.num_layers), m)
   extra = n - cs.num_layers
-  scores = block_influence(cl, pl, ids_NxT)
+  scores = importance.block_influence(cl, pl, ids_NxT)
   even = free[(np.arange(1, extra + 1) * len(free)) // (extra + 1)]
   best = free[np.argsort(-scores[free], kind="stable")[:extra]]
   return {"even": np.sort(np.concatenate([m, even])),

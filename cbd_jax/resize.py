@@ -221,6 +221,34 @@ def apply_maps(config: ModelConfig, params: Params, target: ModelConfig,
 # Choosing units: which source units survive a shrink, and how new units are filled in a grow.
 # ---------------------------------------------------------------------------------------------
 
+def unit_scores(config: ModelConfig, params: dict, layer: int | None = None
+                ) -> dict[str, np.ndarray]:
+  """score_kind[u] = sum over leaves with a `kind` axis of mean_{other axes}(w^2)[u] / mean(w^2).
+
+  Each leaf is normalised by its own mean square, so no single tensor dominates. Layers are scored
+  only by what they write to the residual stream (o and down); a kv group adds its heads' scores.
+  ``layer``: score the units of that one layer, from its own leaves only.
+  """
+  flat = check_params(config, params, "params")
+  sizes = {"D": config.hidden_size, "F": config.intermediate_size, "H": config.num_heads,
+           "K": config.num_kv_heads, "L": config.num_layers}
+  scores = {k: np.zeros(n) for k, n in sizes.items()}
+  for path, spec in leaf_specs(config).items():
+    if layer is not None and spec[0][0] != "L":
+      continue  # Embeddings and final norm: not part of one layer.
+    sq = np.square(np.asarray(flat[path] if layer is None else flat[path][layer], np.float32))
+    spec = spec if layer is None else spec[1:]
+    total = float(sq.mean()) or 1.0
+    for axis, (kind, role) in enumerate(spec):
+      if kind not in scores or (kind == "L" and role != SPLIT):
+        continue
+      other = tuple(a for a in range(sq.ndim) if a != axis)
+      scores[kind] += sq.mean(axis=other) / total
+  group = config.num_heads // config.num_kv_heads
+  scores["K"] += scores["H"].reshape(config.num_kv_heads, group).sum(-1)
+  return scores
+
+
 def _priority(n: int, scores: np.ndarray | None, keep: int) -> list[int]:
   """Source units, kept ones first in source order: the ``keep`` best by score (else leading)."""
   if scores is None:
@@ -326,8 +354,6 @@ def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: 
   ``layer_select``: "even" (evenly spaced, first and last kept), "importance" (weight norms of
   what each layer writes) or one score per source layer (e.g. `importance.block_influence`).
   """
-  from cbd_jax import importance  # Weight-norm scores, only when asked for.
-
   if select not in ("leading", "importance"):
     raise ResizeError(f"unknown shrink method {select!r}; use 'leading' or 'importance'")
   if fill not in ("zero", "net2net"):
@@ -342,7 +368,7 @@ def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: 
   scores: dict[str, np.ndarray | None] = dict.fromkeys(("D", "F", "H", "K", "L"))
   by_norm = given is None and layer_select == "importance"
   if select == "importance" or by_norm:
-    scores.update(importance.unit_scores(config, params))
+    scores.update(unit_scores(config, params))
   if select != "importance":
     scores.update(D=None, F=None, H=None, K=None)
   scores["L"] = given if given is not None else (scores["L"] if by_norm else None)

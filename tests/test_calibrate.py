@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from cbd_jax import align, calibrate, interpolate, model, resize
+from cbd_jax import align, calibrate, importance, interpolate, model, resize
 from cbd_jax.config import FAMILIES, ModelConfig
 
 
@@ -160,7 +160,7 @@ def test_greedy_layers_keep_the_counterparts_and_drop_the_least_influential():
   for path in ("layers/attn/o/weight", "layers/mlp/down/weight"):
     flat[path] = np.array(flat[path])
     flat[path][free[-1]] = 0
-  scores = calibrate.block_influence(large[0], resize.unflatten(flat), IDS)
+  scores = importance.block_influence(large[0], resize.unflatten(flat), IDS)
   assert scores[free[-1]] == pytest.approx(0.0, abs=1e-6) and scores.min() >= -1e-6
   kept = calibrate.greedy_layers(large[0], resize.unflatten(flat), m, 5, IDS)
   assert free[-1] not in kept
