@@ -183,8 +183,21 @@ def _calibrate_gains(target, params, large, rows, log) -> tuple[dict, dict]:
   after = heldout.mean_nll(target, gained, check_rows)
   keep = after < before
   log(f"residual gains: check loss {before:.4f} -> {after:.4f} ({'kept' if keep else 'dropped'})")
-  info = {"gains": gains.tolist() if keep else None, "gain_check_losses": [before, after]}
+  info = {"gains": gains.tolist() if keep else None, "gain_check_losses": [before, after],
+          "check_loss": min(before, after)}
   return (gained if keep else params), info
+
+
+def _with_gains(target, views, alphas, rule, large, rows, log) -> tuple[dict, dict]:
+  """(params, info) of the best of the mixes at ``alphas``, each with its residual gains, by
+  the target's own loss on the held-back calibration rows."""
+  best = None
+  for alpha in alphas:
+    log(f"alpha = {alpha:.4f}:")
+    params, info = _calibrate_gains(target, interpolate.mix(views, alpha, rule), large, rows, log)
+    if best is None or info["check_loss"] < best[1]["check_loss"]:
+      best = (params, dict(info, alpha=alpha))
+  return best
 
 
 def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
@@ -212,12 +225,14 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
     alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, rows)
   elif alpha is None:
     alpha = interpolate.default_alpha(cs, cl, target)
-  info["alpha"] = alpha
-  log(f"alpha = {alpha:.4f} (weight of the small anchor), mix {r.mix_rule}")
-  params = interpolate.mix(views, alpha, r.mix_rule)
-  if rows is not None and r.gains:
-    params, gain_info = _calibrate_gains(target, params, (cl, pl), rows, log)
+  if rows is not None and r.gains:  # Shrink(large) with gains competes with the best mix.
+    alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
+    params, gain_info = _with_gains(target, views, alphas, r.mix_rule, (cl, pl), rows, log)
     info.update(gain_info)
+  else:
+    params, info["alpha"] = interpolate.mix(views, alpha, r.mix_rule), alpha
+  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix_rule}, large-anchor "
+      f"layers {info['layer_choice']}" + (", residual gains" if info.get("gains") else ""))
   return params, info
 
 
