@@ -100,7 +100,7 @@ def make_bridge_eval_step(student: ModelConfig, teacher: ModelConfig, loss: Loss
                                         teacher_params, batch)
     return {"kd_sum": kd, "pairs": pairs, "ce_sum": ce, "count": count}
 
-  return jax.jit(evaluate, in_shardings=(s_sh, t_sh, batch_sh),
+  return jax.jit(step_core.under_mesh(evaluate, mesh), in_shardings=(s_sh, t_sh, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))
 
 

@@ -63,5 +63,6 @@ def make_lm_eval_step(config: ModelConfig, mesh: Mesh, rules: Sequence = DEFAULT
                              chunk_size)
     return {"ce_sum": ce_sum, "count": count}
 
-  return jax.jit(evaluate, in_shardings=(params_sh, batch_sharding(mesh, ndim=2)),
+  return jax.jit(step_core.under_mesh(evaluate, mesh),
+                 in_shardings=(params_sh, batch_sharding(mesh, ndim=2)),
                  out_shardings=NamedSharding(mesh, P()))

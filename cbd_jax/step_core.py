@@ -13,6 +13,7 @@ constraint (so the step equals one big batch exactly), the optimizer update, the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,16 @@ def _accumulate(objective: Callable, params: Params, extra: Any, batch: dict, to
   return grads, sums
 
 
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn`` traced under ``mesh`` (abstractly), so the model's activation constraints
+  (`sharding.constrain_batch`) and the per-shard TPU attention apply inside the jitted step."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
 def make_step(objective: Callable, totals: Callable, mean_loss: Callable, optimizer,
               state_sharding: TrainState, extra_sharding: Any, batch_sharding: Any, mesh: Mesh,
               schedule: Callable | None = None):
@@ -80,5 +91,6 @@ def make_step(objective: Callable, totals: Callable, mean_loss: Callable, optimi
                    lr=schedule(state.step) if schedule is not None else jnp.zeros(()))
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(step, in_shardings=(state_sharding, extra_sharding, batch_sharding),
+  return jax.jit(under_mesh(step, mesh),
+                 in_shardings=(state_sharding, extra_sharding, batch_sharding),
                  out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=(0,))

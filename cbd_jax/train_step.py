@@ -243,5 +243,5 @@ def make_eval_step(student: ModelConfig, teacher: ModelConfig, loss: LossSetting
         "count": jnp.sum(mask),
     }
 
-  return jax.jit(evaluate, in_shardings=(s_sh, t_sh, batch_sh),
+  return jax.jit(step_core.under_mesh(evaluate, mesh), in_shardings=(s_sh, t_sh, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))
