@@ -4,6 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The venv holds CPU jax plus libtpu (for AOT compiles to TPU topologies); on a machine without a
+# TPU, JAX would first try (and fail, noisily) to start libtpu. Override on a TPU VM:
+# `make demo JAX_PLATFORMS=`.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: setup demo test lint
 

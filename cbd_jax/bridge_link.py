@@ -37,7 +37,15 @@ from cbd_jax import (
   vocab_bridge,
 )
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.link_driver import LinkKind, LinkRun, global_batch, link_steps, sync
+from cbd_jax.link_driver import (
+    LinkKind,
+    LinkRun,
+    evaluate_lm,
+    global_batch,
+    link_steps,
+    summarize_lm,
+    sync,
+)
 from cbd_jax.train_step import LossSettings
 
 log = logging.getLogger(__name__)
@@ -153,15 +161,10 @@ class SeqkdLink(_Bridged):
     return self.train_step(state, batch)
 
   def evaluate(self, params, teacher_params, mesh):
-    avg = metrics.TokenAverager()
-    for b in self.evals:
-      avg.add(jax.device_get(self.eval_step(params, global_batch(mesh, b, 0))))
-    ce = avg.means()["ce"]
-    return {"ce": ce, "ppl": metrics.perplexity(ce)}
+    return evaluate_lm(self.eval_step, params, self.evals, mesh)
 
   def summarize(self, sums):
-    ce = sums["ce_sum"] / max(sums["count"], 1.0)
-    return {"loss": ce, "ce": ce}
+    return summarize_lm(sums)
 
 
 class VocabLink(_Bridged):

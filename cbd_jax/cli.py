@@ -175,6 +175,33 @@ def config_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
   return spec, overrides
 
 
+def start_logging(argv: Sequence[str]) -> None:
+  """A launch script's start: refuses positional arguments (fields are --config.FIELD=VALUE),
+  logs INFO with times, quiets third-party loggers."""
+  import logging
+
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {list(argv[1:])}; fields are set as "
+             "--config.FIELD=VALUE")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "orbax", "jax._src", "datasets", "httpx", "huggingface_hub"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_absl_flags(argv: list[str]) -> list[str]:
+  """Checks ``--config`` and its overrides (one-line errors), then parses the absl flags of a
+  launch script; returns the arguments absl leaves (``argv[0]`` first)."""
+  from absl import app, flags
+
+  check_config_args(argv[1:])
+  app.define_help_flags()
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UsageError(f"{e}; see {Path(argv[0]).name} --helpfull") from None
+
+
 def check_config_args(argv: Sequence[str]) -> None:
   """Loads the --config of a command line with its overrides once, raising one-line errors."""
   spec, overrides = config_args(argv)

@@ -402,3 +402,19 @@ def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any
     manager.close()
     return dict(entry, tokens=stop * run.tokens_per_step, steps=stop)
   return _finish(kind, s_config, state, loop, steps, entry)
+
+
+def evaluate_lm(eval_step, params, batches, mesh) -> dict[str, float]:
+  """{"ce", "ppl"} of an LM eval step (`lm_step.make_lm_eval_step`) over held-out batches,
+  token-weighted."""
+  avg = metrics.TokenAverager()
+  for b in batches:
+    avg.add(jax.device_get(eval_step(params, global_batch(mesh, b, 0))))
+  ce = avg.means()["ce"]
+  return {"ce": ce, "ppl": metrics.perplexity(ce)}
+
+
+def summarize_lm(sums) -> dict[str, float]:
+  """The mean cross entropy of summed LM-step metrics, as the loss."""
+  ce = sums["ce_sum"] / max(sums["count"], 1.0)
+  return {"loss": ce, "ce": ce}

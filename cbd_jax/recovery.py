@@ -22,10 +22,10 @@ from typing import Any
 
 import jax
 
-from cbd_jax import hf_io, lm_step, manifest, metrics, source
+from cbd_jax import hf_io, lm_step, manifest, source
 from cbd_jax.chain import KDLink
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.link_driver import LinkRun, global_batch, link_steps, train_link
+from cbd_jax.link_driver import LinkRun, evaluate_lm, link_steps, summarize_lm, train_link
 from cbd_jax.sharding import MESH_AXES
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,12 @@ class RecoveryLink(KDLink):
   def evaluate(self, params, teacher_params, mesh):
     if self.uses_teacher:
       return super().evaluate(params, teacher_params, mesh)
-    avg = metrics.TokenAverager()
-    for b in self.evals:
-      avg.add(jax.device_get(self.eval_step(params, global_batch(mesh, b, 0))))
-    ce = avg.means()["ce"]
-    return {"ce": ce, "ppl": metrics.perplexity(ce)}
+    return evaluate_lm(self.eval_step, params, self.evals, mesh)
 
   def summarize(self, sums):
     if self.uses_teacher:
       return super().summarize(sums)
-    ce = sums["ce_sum"] / max(sums["count"], 1.0)
-    return {"loss": ce, "ce": ce}
+    return summarize_lm(sums)
 
   def meta(self):
     run = self.run

@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,12 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}; fields are set as --config.FIELD=VALUE")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "orbax", "jax._src", "datasets", "httpx", "huggingface_hub"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from cbd_jax import cli
+
+  cli.start_logging(argv)
   config = _CONFIG.value
   if config is None:
     sys.exit("error: no --config given; pass one, e.g. --config=configs/recovery.py:smoke")
@@ -60,14 +56,7 @@ def _launch(args: list[str]) -> None:
   """Checks the config file, overrides and flags (one-line errors), then runs `main`."""
   from cbd_jax import cli
 
-  argv = [sys.argv[0], *args]
-  cli.check_config_args(argv[1:])
-  app.define_help_flags()
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    raise cli.UsageError(f"{e}; see {Path(argv[0]).name} --helpfull") from None
-  main(rest)
+  main(cli.parse_absl_flags([sys.argv[0], *args]))
 
 
 if __name__ == "__main__":
