@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # `make demo JAX_PLATFORMS=`.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: setup demo test lint
+.PHONY: setup demo pipeline test lint
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ demo: setup
 	$(PY) launch/train_chain.py
 	$(PY) launch/init_model.py --size=50m --overwrite --text=$${CBD_CACHE:-$$HOME/.cache/cbd-jax}/text/news_heldout.txt
 	$(PY) launch/report.py
+
+# The rest of the pipeline on the demo's chain, offline: recover the 50M target briefly (plain LM
+# loss on the training text, no teacher), then evaluate it and the un-recovered target on the
+# local multiple-choice task (lm-eval, the news next-sentence task). Run after `make demo`.
+pipeline: setup
+	$(PY) launch/train_target.py --config=configs/recovery.py \
+	    --config.model=runs/smollm2_chain/targets/50m --config.tokens=16384 \
+	    --config.workdir=runs/t50m_recovery --config.out=runs/t50m_recovered
+	$(PY) launch/evaluate.py --model=runs/smollm2_chain/targets/50m --tasks=cbd_news_next --limit=100
+	$(PY) launch/evaluate.py --model=runs/t50m_recovered --tasks=cbd_news_next --limit=100
 
 # The linter runs first: a lint error fails the test target (and CI) before any test runs.
 test: lint
