@@ -135,6 +135,30 @@ def _check_head(name: str, hidden, head_VxD):
                      f"model.head_weight), got shape {head_VxD.shape}")
 
 
+def _teacher_inputs(hidden_BxTxD, head_VxD, topk, student_btv, chunks, tok, consts) -> str:
+  """Adds the teacher's chunked inputs to ``tok`` / ``consts``; returns its kind: "topk"
+  (``topk = (indices, logprobs)``), "dense" (hidden states and head) or "none"."""
+  b, t, num_v = student_btv
+  if topk is not None:
+    indices, logprobs = topk
+    if indices.shape[:2] != (b, t) or indices.shape != logprobs.shape:
+      raise ValueError(f"teacher top-k arrays {indices.shape} / {logprobs.shape} must be "
+                       f"[{b}, {t}, k]")
+    tok["teacher_indices"] = chunks(indices.astype(jnp.int32))
+    tok["teacher_logprobs"] = chunks(logprobs)
+    return "topk"
+  if hidden_BxTxD is None:
+    return "none"
+  _check_head("teacher", hidden_BxTxD, head_VxD)
+  if hidden_BxTxD.shape[:2] != (b, t) or head_VxD.shape[0] != num_v:
+    raise ValueError(f"teacher hidden {hidden_BxTxD.shape} / head {head_VxD.shape} do not match "
+                     f"the student's tokens ({b}, {t}) and vocabulary ({num_v}); slice both "
+                     "heads to a common vocab first")
+  tok["teacher_hidden"] = chunks(jax.lax.stop_gradient(hidden_BxTxD))
+  consts["teacher_head"] = jax.lax.stop_gradient(head_VxD)
+  return "dense"
+
+
 def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_BxTxD=None,
                        teacher_head_VxD=None, labels_BxT=None, *, kind: str = "fkl",
                        temperature=1.0, mask=None, vocab_limit: int | None = None,
@@ -163,24 +187,8 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
   consts = {"temperature": jnp.asarray(temperature, jnp.float32),
             "kd_weight": jnp.asarray(kd_weight, jnp.float32),
             "ce_weight": jnp.asarray(ce_weight, jnp.float32)}
-  teacher = "none"
-  if teacher_topk is not None:
-    teacher = "topk"
-    indices, logprobs = teacher_topk
-    if indices.shape[:2] != (b, t) or indices.shape != logprobs.shape:
-      raise ValueError(f"teacher top-k arrays {indices.shape} / {logprobs.shape} must be "
-                       f"[{b}, {t}, k]")
-    tok["teacher_indices"] = chunks(indices.astype(jnp.int32))
-    tok["teacher_logprobs"] = chunks(logprobs)
-  elif teacher_hidden_BxTxD is not None:
-    teacher = "dense"
-    _check_head("teacher", teacher_hidden_BxTxD, teacher_head_VxD)
-    if teacher_hidden_BxTxD.shape[:2] != (b, t) or teacher_head_VxD.shape[0] != num_v:
-      raise ValueError(f"teacher hidden {teacher_hidden_BxTxD.shape} / head "
-                       f"{teacher_head_VxD.shape} do not match the student's tokens ({b}, {t}) "
-                       f"and vocabulary ({num_v}); slice both heads to a common vocab first")
-    tok["teacher_hidden"] = chunks(jax.lax.stop_gradient(teacher_hidden_BxTxD))
-    consts["teacher_head"] = jax.lax.stop_gradient(teacher_head_VxD)
+  teacher = _teacher_inputs(teacher_hidden_BxTxD, teacher_head_VxD, teacher_topk, (b, t, num_v),
+                            chunks, tok, consts)
   use_ce = labels_BxT is not None
   ce_weights_BxT = jnp.zeros((b, t), jnp.float32)
   if use_ce:
