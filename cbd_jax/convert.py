@@ -15,8 +15,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from cbd_jax import model
 from cbd_jax.config import ModelConfig
+from cbd_jax.resize import param_shapes
 
 Arrays = list[np.ndarray]
 # Buffers some GPT-2 files carry (causal-mask constants), not parameters.
@@ -119,13 +119,6 @@ def _gpt2_rules(c: ModelConfig) -> list[Rule]:
 def rules_for(config: ModelConfig) -> list[Rule]:
   """The conversion table of the config's family."""
   return _gpt2_rules(config) if config.is_gpt2 else _llama_rules(config)
-
-
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """{"/"-path: shape} of every param, from `jax.eval_shape` (nothing allocated)."""
-  tree = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _resolve(source: Mapping[str, np.ndarray]) -> Callable[[str], str | None]:
