@@ -197,7 +197,8 @@ def run(args) -> dict:
   per_step = preset.batch_size * preset.seq_len
   eval_at = sorted({0, *[round(steps * (i + 1) / preset.evals) for i in range(preset.evals)]})
   mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  optimizer, schedule = make_optimizer(preset.lr, steps, steps // 20, "cosine", 0.1)
+  optimizer, schedule = make_optimizer(preset.lr, steps, warmup_steps=steps // 20,
+                                       schedule="cosine", min_lr_ratio=0.1)
   sh = state_shardings(target_config, optimizer, mesh)
   lm_step = make_lm_step(target_config, optimizer, mesh, schedule=schedule, chunk_size=4096)
   teacher = source[0].replace(dtype=preset.dtype)

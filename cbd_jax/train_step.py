@@ -49,7 +49,8 @@ class LossSettings:
   projector_seed: int = 0
 
 
-def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+def make_optimizer(lr: float, total_steps: int, *, warmup_steps: int = 0,
+                   schedule: str = "cosine",
                    min_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, grad_clip: float = 1.0):
   """AdamW with linear warm-up then cosine/linear/constant decay to min_lr_ratio * lr.
