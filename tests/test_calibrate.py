@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from random_params import random_params
 
 from cbd_jax import align, calibrate, importance, interpolate, model, resize
 from cbd_jax.config import FAMILIES, ModelConfig
@@ -15,19 +16,13 @@ def _config(family, **kw):
   return ModelConfig(**{**base, **kw})
 
 
-def _random(config, seed, scale=0.2):
-  rng = np.random.default_rng(seed)
-  return resize.unflatten({p: (scale * rng.standard_normal(s)).astype(np.float32)
-                           for p, s in resize.param_shapes(config).items()})
-
-
 def _chain(family="llama"):
   """A large anchor and a small one cut from it (scattered units, like an importance Shrink)
   and perturbed, as a chain's anchors are."""
   large_cfg = _config(family, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3,
                       intermediate_size=96)
   small_cfg = _config(family)
-  large = _random(large_cfg, 1)
+  large = random_params(large_cfg, 1)
   small = resize.shrink(large_cfg, large, small_cfg, method="importance")
   rng = np.random.default_rng(2)
   small = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype), small)

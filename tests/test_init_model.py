@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers
+from random_params import random_params
 
 from cbd_jax import hf_io, model, resize, sizing, target
 from cbd_jax.config import ModelConfig, num_params
@@ -28,15 +29,9 @@ def _anchor(folder, family, layers, width, heads, kv, ffn, seed, vocab, **kw):
   config = ModelConfig(family=family, vocab_size=vocab, hidden_size=width, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv, head_dim=8, intermediate_size=ffn,
                        max_position_embeddings=64, **kw)
-  hf_io.save_hf(config, random_params(config, seed), folder, tokenizer=_tokenizer())
+  hf_io.save_hf(config, random_params(config, seed, scale=0.1), folder, tokenizer=_tokenizer())
   return config
 
-
-def random_params(config, seed):
-  """Random params of every leaf's shape (no compile: the shapes come from `param_shapes`)."""
-  rng = np.random.default_rng(seed)
-  return resize.unflatten({path: (0.1 * rng.standard_normal(shape)).astype(np.float32)
-                           for path, shape in resize.param_shapes(config).items()})
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from random_params import random_params
 
 from cbd_jax import align, interpolate, model, resize
 from cbd_jax.config import FAMILIES, ModelConfig, num_params
@@ -14,11 +15,6 @@ def _config(family, **kw):
               tie_embeddings=family == "gpt2")
   return ModelConfig(**{**base, **kw})
 
-
-def random_params(config, seed):
-  rng = np.random.default_rng(seed)
-  return resize.unflatten({p: (0.2 * rng.standard_normal(s)).astype(np.float32)
-                           for p, s in resize.param_shapes(config).items()})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from random_params import random_params
 
 from cbd_jax import model, resize
 from cbd_jax.config import FAMILIES, ModelConfig
@@ -18,12 +19,6 @@ def _config(family, **kw):
               tie_embeddings=TIED[family])
   return ModelConfig(**{**base, **kw})
 
-
-def random_params(config, seed=0):
-  """Random values in every leaf (norm scales and biases too, so nothing is trivially exact)."""
-  rng = np.random.default_rng(seed)
-  return resize.unflatten({p: (0.2 * rng.standard_normal(s)).astype(np.float32)
-                           for p, s in resize.param_shapes(config).items()})
 
 
 @functools.cache
