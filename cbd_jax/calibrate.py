@@ -42,14 +42,16 @@ def _without_layers(params: dict, dropped) -> dict:
 
 
 def greedy_layers(config: ModelConfig, params: dict, keep: np.ndarray, n_target: int,
-                  ids_NxT: np.ndarray, tries: int = 1) -> np.ndarray:
+                  ids_NxT: np.ndarray, tries: int = 1, scores=None) -> np.ndarray:
   """Drops layers one at a time (never those in ``keep``): of the ``tries`` layers whose block
   influence, measured on the model without the layers already dropped, is least, the one whose
-  removal raises the loss on ``ids`` least (``tries=1``: the least influential, no loss)."""
+  removal raises the loss on ``ids`` least (``tries=1``: the least influential, no loss).
+  ``scores``: the full model's block influence on ``ids``, when already measured."""
   kept = np.arange(config.num_layers)
   while len(kept) > n_target:
     dropped = np.setdiff1d(np.arange(config.num_layers), kept)
-    scores = importance.block_influence(config, _without_layers(params, dropped), ids_NxT)
+    if scores is None or len(dropped):
+      scores = importance.block_influence(config, _without_layers(params, dropped), ids_NxT)
     free = np.setdiff1d(kept, keep)
     options = free[np.argsort(scores[free], kind="stable")[:tries]]
     if len(options) > 1:
@@ -76,7 +78,7 @@ def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[s
   best = free[np.argsort(-scores[free], kind="stable")[:extra]]
   return {"even": np.sort(np.concatenate([m, even])),
           "influence": np.sort(np.concatenate([m, best])),
-          "greedy": greedy_layers(cl, pl, m, n, ids_NxT)}
+          "greedy": greedy_layers(cl, pl, m, n, ids_NxT, scores=scores)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +166,13 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   info = {"layer_choice": "even", "large_layers": None}
   if not sets:
     return views_of(None), info
-  scores = {n: interpolate.mixed_loss(target, views_of(v), 0.0, r.mix_rule, rows)
-            for n, v in sets.items()}
+  views = {n: views_of(v) for n, v in sets.items()}
+  scores = {n: interpolate.mixed_loss(target, v, 0.0, r.mix_rule, rows) for n, v in views.items()}
   choice = min(scores, key=scores.get)
   log("large-anchor layers (calibration loss of Shrink(large)): " +
       ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
   info.update(layer_choice=choice, large_layers=sets[choice].tolist(), layer_losses=scores)
-  return views_of(sets[choice]), info
+  return views[choice], info
 
 
 def _calibrate_gains(target, params, large, rows, log) -> tuple[dict, dict]:
