@@ -4,17 +4,29 @@ Documents are read through ``datasets`` (local text / jsonl / parquet files, or 
 name, streamed), tokenised with the link's tokenizer, joined with EOS and cut into sequences of
 ``seq_len + 1`` tokens (inputs ``ids = s[:-1]``, next-token ``labels = s[1:]``).
 
-Local sources are tokenised once into a flat token file (cached under ``cache_dir``, keyed by the
-files and the tokenizer); global sequence g = step * M * B + j is then sequence
+Local sources are tokenised once per (files, tokenizer) by parallel worker processes into token
+shards under ``cache_dir`` (``token_shards``: uint16/uint32 files plus an ``index.json`` written
+last). Process 0 writes them; the other processes wait for the index on the shared filesystem
+(``data.cache_shared=False`` makes every process build its own). Reads are memory-mapped, so no
+process holds the corpus in memory. Global sequence g = step * M * B + j is sequence
 ``perm_epoch[g mod N]`` with ``perm_epoch`` a permutation seeded by (seed, epoch). A resumed run
 asks for batch ``step`` and gets exactly what an uninterrupted run would have: nothing repeated,
 nothing skipped. Each process reads only its rows ``[h B / P, (h + 1) B / P)`` of every
-microbatch. Streamed sources are split between processes by ``datasets``, shuffled with a seeded
-buffer and packed in stream order; resuming at step s re-reads (and drops) the first s batches.
+microbatch.
+
+Streamed sources are split between processes by ``datasets``, cut into windows of
+``shuffle_buffer`` documents each permuted by (seed, epoch, window), and packed in that order.
+Every ``stream_snapshot_every`` batches the stream's position (the dataset's ``state_dict`` at
+the window's start, the group of documents within it and the leftover tokens) is saved as a small
+JSON file under ``cache_dir/stream_state``; a fresh process asked for batch s starts from the
+newest snapshot at or before s, so resuming costs at most one window and a few batches, not s
+batches, and gives the batches of an uninterrupted stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -26,6 +38,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from cbd_jax import token_shards
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
@@ -85,42 +99,66 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
   """Token ids of each document followed by EOS (when the tokenizer has one)."""
+  if not texts:
+    return []
   eos = tokenizer.eos_token_id
   ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
   return [x + [eos] if eos is not None else x for x in ids]
 
 
+def _nonblank(texts: list[str | None]) -> list[str]:
+  return [t for t in texts if t and t.strip()]
+
+
+def _encode_rows(tokenizer, text_field: str, rows: dict) -> list[list[int]]:
+  """Token ids of the non-blank documents of a batch of rows (picklable for worker processes)."""
+  return _encode(tokenizer, _nonblank(rows[text_field]))
+
+
 def _documents(ds, text_field: str, batch_size: int = 1000) -> Iterator[list[str]]:
   for rows in ds.iter(batch_size=batch_size):
-    yield [t for t in rows[text_field] if t and t.strip()]
+    yield _nonblank(rows[text_field])
 
 
-def load_tokens(source: str, tokenizer, cache_dir: str | os.PathLike,
-                text_field: str = "text") -> np.ndarray:
-  """All documents of local ``source`` as one flat uint32 token array, cached on disk."""
+def _hash(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def _stamp(files: Sequence[str]) -> list:
+  return [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
+
+
+def load_tokens(source: str, tokenizer, cache_dir: str | os.PathLike, text_field: str = "text",
+                *, process_index: int = 0, shared: bool = True, workers: int = 0,
+                timeout_s: float = 6 * 3600,
+                block_bytes: int = 256 << 20) -> token_shards.TokenShards:
+  """All documents of local ``source`` as one flat token stream, tokenised once into shards.
+
+  Process 0 (every process when not ``shared``) tokenises with ``workers`` processes (0: one per
+  core, fewer for a small corpus) into ``cache_dir/tokens-v2-<key>``; the others wait up to
+  ``timeout_s`` for it.
+  """
   files = resolve_files(source)
   if files is None:
     raise ValueError(f"{source}: a hub dataset is streamed; set data.streaming=True")
-  stamp = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
-  key = hashlib.sha256(json.dumps([stamp, text_field, tokenizer_fingerprint(tokenizer)])
-                       .encode()).hexdigest()[:20]
-  path = Path(cache_dir) / f"tokens-{key}.npy"
-  if path.exists():
-    return np.load(path, mmap_mode="r")
-  log.info("tokenising %s into %s", source, path)
-  ds = load_documents(source, text_field)
-  chunks = []
-  for texts in _documents(ds, text_field):
-    ids = _encode(tokenizer, texts)
-    if ids:
-      chunks.append(np.fromiter((t for x in ids for t in x), np.uint32))
-  tokens = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint32)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f"{path.name}.{_unique()}.part")
-  with open(tmp, "wb") as f:
-    np.save(f, tokens)
-  os.replace(tmp, path)  # Whole or absent: a crash never leaves a truncated cache.
-  return np.load(path, mmap_mode="r")
+  key = _hash(_stamp(files), text_field, tokenizer_fingerprint(tokenizer))
+  folder = Path(cache_dir) / f"tokens-v{token_shards.FORMAT}-{key}"
+
+  def build(tmp: Path) -> None:
+    log.info("tokenising %s into %s", source, folder)
+    ds = load_documents(source, text_field)
+    encode = functools.partial(_encode_rows, tokenizer, text_field)
+    token_shards.write_shards(tmp, ds, encode, token_shards.token_dtype(len(tokenizer)),
+                              workers, block_bytes)
+
+  return token_shards.open_or_build(folder, build, process_index == 0 or not shared, timeout_s)
+
+
+def _local_tokens(data_cfg, source: str, tokenizer, cache_dir, process_index: int):
+  return load_tokens(source, tokenizer, cache_dir, data_cfg.text_field,
+                     process_index=process_index, shared=data_cfg.get("cache_shared", True),
+                     workers=int(data_cfg.get("tokenize_workers", 0)),
+                     timeout_s=float(data_cfg.get("tokenize_timeout_s", 6 * 3600)))
 
 
 def _split_rows(rows: int, process_index: int, process_count: int) -> slice:
@@ -138,15 +176,37 @@ def to_batch(seqs_MxBxS: np.ndarray) -> Batch:
   return {"ids": ids, "labels": labels, "mask": np.ones(ids.shape, np.float32)}
 
 
-class PackedTokens:
-  """Fixed-length sequences over a flat token array, in a (seed, epoch)-seeded order."""
+class Sequences:
+  """Rows [N, T + 1] of a token stream, read on demand by index, slice or index array."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rows: slice | None = None):
+  def __init__(self, tokens: token_shards.TokenShards, width: int, first: int, count: int):
+    self.tokens, self.width, self.first, self.count = tokens, width, first, count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, slice):
+      return self[np.arange(self.count)[key]]
+    idx = np.asarray(key, np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+      raise IndexError(f"sequence index outside [0, {self.count})")
+    rows = self.tokens.take((self.first + idx.reshape(-1)) * self.width, self.width)
+    return rows.reshape(*idx.shape, self.width)
+
+
+class PackedTokens:
+  """Fixed-length sequences over a flat token stream, in a (seed, epoch)-seeded order."""
+
+  def __init__(self, tokens, seq_len: int, seed: int, rows: slice | None = None):
     self.seq_len, self.seed = seq_len, seed
-    total = len(tokens) // (seq_len + 1)
-    self.sequences = tokens[: total * (seq_len + 1)].reshape(total, seq_len + 1)
-    if rows is not None:
-      self.sequences = self.sequences[rows]
+    if not isinstance(tokens, token_shards.TokenShards):
+      tokens = token_shards.TokenShards.from_array(np.asarray(tokens))
+    span = range(len(tokens) // (seq_len + 1))
+    span = span[rows] if rows is not None else span
+    if span.step != 1:
+      raise ValueError(f"rows {rows}: give a contiguous slice of sequences")
+    self.sequences = Sequences(tokens, seq_len + 1, span.start, len(span))
     if len(self.sequences) == 0:
       raise ValueError(f"{len(tokens)} tokens do not fill one sequence of {seq_len + 1}; give "
                        "more text or a shorter sequence length")
@@ -177,7 +237,7 @@ class PackedTokens:
             process_count: int = 1) -> Batch:
     """This process's slice [M, B / P, T] of global training batch ``step``."""
     idx = self.indices(step, microbatches, batch_size, process_index, process_count)
-    return to_batch(self.sequences[idx.reshape(-1)].reshape(*idx.shape, -1))
+    return to_batch(self.sequences[idx])
 
   def in_order(self, batch_size: int, num_batches: int, process_index: int = 0,
                process_count: int = 1) -> list[Batch]:
@@ -202,46 +262,137 @@ def pack_stream(ds, tokenizer, seq_len: int, text_field: str = "text") -> Iterat
         del buf[: seq_len + 1]
 
 
+_GROUP = 64  # Documents of a shuffle window tokenised together.
+_STREAM_FORMAT = 1
+
+
+@dataclasses.dataclass
+class StreamPosition:
+  """A place in a stream, enough to rebuild it without re-reading what came before it."""
+  epoch: int = 0
+  window: int = 0  # Shuffle window of this epoch.
+  source: dict | None = None  # The dataset's state_dict at the window's start (None: epoch start).
+  group: int = 0  # Group of _GROUP documents of the shuffled window.
+  carry: list[int] = dataclasses.field(default_factory=list)  # Tokens left before the group.
+  taken: int = 0  # Sequences already cut from carry + group.
+
+
 class StreamedTokens:
-  """Packed sequences from a streamed dataset: seeded shuffle buffer, one slice per process."""
+  """Packed sequences from a streamed dataset: seeded window shuffle, one slice per process.
+
+  With ``state_dir``, the position every ``snapshot_every`` batches is saved there, and a fresh
+  object asked for batch s starts from the newest saved position at or before it.
+  """
 
   def __init__(self, ds, tokenizer, seq_len: int, seed: int, text_field: str = "text",
-               process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 10_000):
+               process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 10_000,
+               state_dir: str | os.PathLike | None = None, source_id: str = "",
+               snapshot_every: int = 100):
     from datasets.distributed import split_dataset_by_node
 
     self.ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
     self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
-    self.text_field, self.shuffle_buffer = text_field, shuffle_buffer
-    self.process_count = process_count
-    self._iter, self._next_step = None, 0
+    self.text_field, self.shuffle_buffer = text_field, max(1, int(shuffle_buffer))
+    self.process_count, self.snapshot_every = process_count, max(1, int(snapshot_every))
+    self.state_dir = None
+    if state_dir is not None:
+      key = _hash(source_id, tokenizer_fingerprint(tokenizer), seq_len, seed, text_field,
+                  self.shuffle_buffer, process_index, process_count, _GROUP, _STREAM_FORMAT)
+      self.state_dir = Path(state_dir) / key
+    self._iter, self._done, self._last = None, 0, StreamPosition()
 
-  def _sequences(self) -> Iterator[np.ndarray]:
-    epoch = 0
+  def _windows(self, start: StreamPosition) -> Iterator[tuple[int, dict | None, list]]:
+    """(index, dataset state at its start, documents) of each window of start.epoch."""
+    self.ds.set_epoch(start.epoch)
+    self.ds.load_state_dict(start.source)  # None: from the epoch's start.
+    window, source = start.window, start.source
+    for rows in self.ds.iter(batch_size=self.shuffle_buffer):
+      yield window, source, rows[self.text_field]
+      window, source = window + 1, self.ds.state_dict()
+
+  def _pack(self, at: StreamPosition, docs: list, buf: list[int]):
+    """Sequences of one window (from group at.group), each with the position after it."""
+    order = np.random.default_rng([self.seed, at.epoch, at.window]).permutation(len(docs))
+    docs, width = [docs[i] for i in order], self.seq_len + 1
+    for group in range(at.group, -(-len(docs) // _GROUP)):
+      carry = list(buf)
+      for ids in _encode(self.tokenizer, _nonblank(docs[group * _GROUP:(group + 1) * _GROUP])):
+        buf.extend(ids)
+      count = len(buf) // width
+      skip = at.taken if group == at.group else 0
+      for k in range(skip, count):
+        pos = dataclasses.replace(at, group=group, carry=carry, taken=k + 1)
+        yield np.asarray(buf[k * width:(k + 1) * width], np.uint32), pos
+      del buf[:count * width]
+    return buf
+
+  def _sequences(self, start: StreamPosition) -> Iterator[tuple[np.ndarray, StreamPosition]]:
+    """The stream from ``start`` on, through every later epoch."""
     while True:
-      ds = self.ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-      ds.set_epoch(epoch)
-      empty = True
-      for seq in pack_stream(ds, self.tokenizer, self.seq_len, self.text_field):
-        empty = False
-        yield seq
-      if empty:
+      buf, produced = list(start.carry), False
+      for window, source, docs in self._windows(start):
+        at = dataclasses.replace(start, window=window, source=source)
+        for seq, pos in self._pack(at, docs, buf):
+          produced = True
+          yield seq, pos
+        start = StreamPosition(start.epoch, window + 1)
+      if not produced and start.window == 0:
         raise ValueError("the streamed dataset yielded no complete sequence")
-      epoch += 1
+      start = StreamPosition(start.epoch + 1)
+
+  def _snapshots(self) -> dict[int, Path]:
+    """Saved positions by the number of sequences before them."""
+    if self.state_dir is None or not self.state_dir.is_dir():
+      return {}
+    out = {}
+    for path in self.state_dir.glob("seq_*.json"):
+      if path.stem[4:].isdigit():
+        out[int(path.stem[4:])] = path
+    return out
+
+  def _restart(self, target: int) -> None:
+    """Continues from the newest saved position <= target (ahead of the current one)."""
+    snaps = {n: p for n, p in self._snapshots().items() if n <= target}
+    if self._iter is not None and target >= self._done:
+      snaps = {n: p for n, p in snaps.items() if n > self._done}
+    for n in sorted(snaps, reverse=True):
+      try:
+        start = StreamPosition(**json.loads(snaps[n].read_text()))
+      except (OSError, ValueError, TypeError) as e:
+        log.warning("ignoring stream snapshot %s (%s)", snaps[n], e)
+        continue
+      self._iter, self._done, self._last = self._sequences(start), n, start
+      return
+    if self._iter is None or target < self._done:
+      self._iter, self._done, self._last = self._sequences(StreamPosition()), 0, StreamPosition()
+
+  def _save(self) -> None:
+    path = self.state_dir / f"seq_{self._done}.json"
+    if path.exists():
+      return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{_unique()}.part")
+    tmp.write_text(json.dumps(dataclasses.asdict(self._last)))
+    os.replace(tmp, path)
+
+  def _next(self) -> np.ndarray:
+    seq, self._last = next(self._iter)
+    self._done += 1
+    return seq
 
   def batch(self, step: int, microbatches: int, batch_size: int, process_index: int = 0,
             process_count: int = 1) -> Batch:
-    """This process's [M, B / P, T] for ``step``; steps must be asked for in increasing order."""
+    """This process's [M, B / P, T] for ``step``; any step, cheapest in increasing order."""
     del process_index
     per = batch_size // process_count
     _split_rows(batch_size, 0, process_count)
-    if self._iter is None or step < self._next_step:
-      self._iter, self._next_step = self._sequences(), 0
-    while self._next_step < step:  # Resume: re-read and drop the batches already trained on.
-      for _ in range(microbatches * per):
-        next(self._iter)
-      self._next_step += 1
-    seqs = np.stack([next(self._iter) for _ in range(microbatches * per)])
-    self._next_step += 1
+    rows = microbatches * per
+    self._restart(step * rows)
+    while self._done < step * rows:  # At most snapshot_every batches since a saved position.
+      self._next()
+    if self.state_dir is not None and step % self.snapshot_every == 0 and step:
+      self._save()
+    seqs = np.stack([self._next() for _ in range(rows)])
     return to_batch(seqs.reshape(microbatches, per, -1))
 
 
@@ -250,11 +401,15 @@ def make_train_data(data_cfg, tokenizer, seq_len: int, cache_dir: str | os.PathL
   """Training sequences: PackedTokens for local files, StreamedTokens when streaming."""
   seed = int(data_cfg.seed)
   if data_cfg.get("streaming", False) or resolve_files(data_cfg.train) is None:
-    ds = load_documents(data_cfg.train, data_cfg.text_field, data_cfg.get("hub_split", "train"),
-                        True, data_cfg.get("hub_config") or None)
+    split, config = data_cfg.get("hub_split", "train"), data_cfg.get("hub_config") or None
+    ds = load_documents(data_cfg.train, data_cfg.text_field, split, True, config)
+    files = resolve_files(data_cfg.train)
+    source_id = json.dumps([str(data_cfg.train), split, config, _stamp(files or [])])
     return StreamedTokens(ds, tokenizer, seq_len, seed, data_cfg.text_field, process_index,
-                          process_count, data_cfg.get("shuffle_buffer", 10_000))
-  tokens = load_tokens(data_cfg.train, tokenizer, cache_dir, data_cfg.text_field)
+                          process_count, data_cfg.get("shuffle_buffer", 10_000),
+                          Path(cache_dir) / "stream_state", source_id,
+                          data_cfg.get("stream_snapshot_every", 100))
+  tokens = _local_tokens(data_cfg, data_cfg.train, tokenizer, cache_dir, process_index)
   packed = PackedTokens(tokens, seq_len, seed)
   if not data_cfg.get("heldout"):  # The held-out tail of the training text is never trained on.
     held = heldout_size(len(packed), data_cfg.get("heldout_fraction", 0.01))
@@ -283,12 +438,12 @@ def make_eval_batches(data_cfg, tokenizer, seq_len: int, batch_size: int, num_ba
         break
     packed = PackedTokens(np.concatenate(seqs) if seqs else np.zeros(0, np.uint32), seq_len, 0)
   elif heldout:
-    tokens = load_tokens(heldout, tokenizer, cache_dir, data_cfg.text_field)
-    packed = PackedTokens(tokens, seq_len, 0)
+    packed = PackedTokens(_local_tokens(data_cfg, heldout, tokenizer, cache_dir, process_index),
+                          seq_len, 0)
   else:
     if resolve_files(data_cfg.train) is None:
       raise ValueError("a streamed training set needs held-out text: set data.heldout")
-    tokens = load_tokens(data_cfg.train, tokenizer, cache_dir, data_cfg.text_field)
+    tokens = _local_tokens(data_cfg, data_cfg.train, tokenizer, cache_dir, process_index)
     n = len(tokens) // (seq_len + 1)
     held = heldout_size(n, data_cfg.get("heldout_fraction", 0.01))
     packed = PackedTokens(tokens, seq_len, 0, slice(n - held, n))
