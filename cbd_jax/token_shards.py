@@ -143,7 +143,7 @@ def _run_workers(tasks: list[tuple], workers: int, scratch: Path) -> list[int]:
   jobs = []
   for w in range(workers):
     job = scratch / f"job-{w}.pkl"
-    job.write_bytes(pickle.dumps(tasks[w::workers]))
+    job.write_bytes(pickle.dumps([pickle.dumps(t) for t in tasks[w::workers]]))
     with open(job.with_suffix(".log"), "wb") as err:
       cmd = [sys.executable, "-m", "cbd_jax.token_shards", str(job)]
       jobs.append((job, subprocess.Popen(cmd, env=env, stdout=err, stderr=err)))
@@ -158,8 +158,10 @@ def _run_workers(tasks: list[tuple], workers: int, scratch: Path) -> list[int]:
 
 
 def _worker_main(job: str) -> None:
+  """Each task unpickled on its own: a block's memory-mapped text is released after it."""
   tasks = pickle.loads(Path(job).read_bytes())
-  Path(job).with_suffix(".json").write_text(json.dumps([_write_block(*t) for t in tasks]))
+  Path(job).with_suffix(".json").write_text(
+      json.dumps([_write_block(*pickle.loads(t)) for t in tasks]))
 
 
 def write_shards(folder: Path, ds, encode: Callable, dtype, workers: int,
