@@ -8,7 +8,7 @@ held-out text (``cbd_jax.assets``), then measures, with the SmolLM2 tokenizer:
     with the new one on the same prefix;
   resume: a streamed jsonl source (``streaming=True``, the hub code path) asked for batch
     ``--stream_step`` by a fresh object: from the newest saved position (new) against re-reading
-    and dropping every earlier batch (old; timed for ``--old_resume_steps`` steps and
+    and dropping every earlier batch (old; timed at step 0 and at ``--old_resume_steps`` and
     extrapolated linearly, since the re-read is proportional to the step).
 Prints a table and writes benchmarks/results/data_scale.json (after every phase).
 
@@ -198,12 +198,16 @@ def resume_phase(args, tokenizer, corpus: Path, results: dict) -> None:
   shape = (1, args.stream_batch)
   base = {"phase": "resume", "step": args.stream_step, "batch": args.stream_batch,
           "seq_len": args.stream_seq}
-  t0 = time.perf_counter()
-  OldStreamed(ds(), tokenizer, args.stream_seq, 0, 10_000).batch(args.old_resume_steps, *shape)
-  old_s = time.perf_counter() - t0
+  timed = []
+  for step in (0, args.old_resume_steps):  # A fixed cost (buffer fill) plus a cost per step.
+    t0 = time.perf_counter()
+    OldStreamed(ds(), tokenizer, args.stream_seq, 0, 10_000).batch(step, *shape)
+    timed.append(time.perf_counter() - t0)
+  per_step = (timed[1] - timed[0]) / args.old_resume_steps
   results["rows"].append(dict(base, method="old: re-read and drop", **loadavg(),
-                              timed_steps=args.old_resume_steps, timed_seconds=round(old_s, 1),
-                              seconds=round(old_s * args.stream_step / args.old_resume_steps, 1),
+                              timed_steps=args.old_resume_steps, timed_seconds=round(timed[1], 2),
+                              step0_seconds=round(timed[0], 2),
+                              seconds=round(timed[0] + per_step * args.stream_step, 1),
                               extrapolated=True))
   save(results)
   state = Path(args.dir) / "stream_state"
@@ -266,7 +270,9 @@ def main():
   os.environ.setdefault("HF_DATASETS_CACHE", str(Path(args.dir) / "hf_datasets"))
   from cbd_jax import assets, hf_io
 
-  tokenizer = hf_io.load_tokenizer(args.tokenizer or assets.smollm2_gguf())
+  converted = sorted((assets.cache_dir() / "converted").glob("SmolLM2*/tokenizer.json"))
+  default = converted[0].parent if converted else assets.smollm2_gguf()  # GGUF: slower to load.
+  tokenizer = hf_io.load_tokenizer(args.tokenizer or default)
   corpus = build_corpus(Path(args.dir), args.corpus_mb)
   results = {"machine": f"{os.cpu_count()}-core CPU", "command": "python benchmarks/bench_data.py "
              + " ".join(f"--{k}={v}" for k, v in vars(args).items()), "rows": [],

@@ -350,8 +350,11 @@ class StreamedTokens:
         out[int(path.stem[4:])] = path
     return out
 
-  def _restart(self, target: int) -> None:
-    """Continues from the newest saved position <= target (ahead of the current one)."""
+  def _seek(self, target: int, rows: int) -> None:
+    """Continues from the newest saved position <= target (ahead of the current one), unless
+    the current position is at most ``snapshot_every`` batches before target."""
+    if self._iter is not None and 0 <= target - self._done <= self.snapshot_every * rows:
+      return
     snaps = {n: p for n, p in self._snapshots().items() if n <= target}
     if self._iter is not None and target >= self._done:
       snaps = {n: p for n, p in snaps.items() if n > self._done}
@@ -370,9 +373,15 @@ class StreamedTokens:
     path = self.state_dir / f"seq_{self._done}.json"
     if path.exists():
       return
+    try:
+      text = json.dumps(dataclasses.asdict(self._last))
+    except TypeError as e:  # A dataset whose state is not JSON: resume by replaying instead.
+      log.warning("stream positions not saved (%s); a resumed run re-reads the stream", e)
+      self.state_dir = None
+      return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{_unique()}.part")
-    tmp.write_text(json.dumps(dataclasses.asdict(self._last)))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
   def _next(self) -> np.ndarray:
@@ -387,7 +396,7 @@ class StreamedTokens:
     per = batch_size // process_count
     _split_rows(batch_size, 0, process_count)
     rows = microbatches * per
-    self._restart(step * rows)
+    self._seek(step * rows, rows)
     while self._done < step * rows:  # At most snapshot_every batches since a saved position.
       self._next()
     if self.state_dir is not None and step % self.snapshot_every == 0 and step:

@@ -108,7 +108,9 @@ class TokenShards:
         filled, k = filled + len(piece), k + 1
     return out
 
-  def __getitem__(self, key: slice) -> np.ndarray:
+  def __getitem__(self, key: int | slice) -> np.ndarray:
+    if not isinstance(key, slice):
+      return self.take(np.array([key % len(self) if key < 0 else key]), 1)[0, 0]
     start, stop, step = key.indices(len(self))
     if step != 1:
       raise IndexError("token shards take contiguous slices only")
