@@ -36,15 +36,15 @@ from cbd_jax import (
   source,
   vocab_bridge,
 )
+from cbd_jax.checks import link_steps
 from cbd_jax.config import ModelConfig, num_params
 from cbd_jax.link_driver import (
-    LinkKind,
-    LinkRun,
-    evaluate_lm,
-    global_batch,
-    link_steps,
-    summarize_lm,
-    sync,
+  LinkKind,
+  LinkRun,
+  evaluate_lm,
+  global_batch,
+  summarize_lm,
+  sync,
 )
 from cbd_jax.train_step import LossSettings
 

@@ -23,25 +23,26 @@ import numpy as np
 
 from cbd_jax import (
   bridge_link,
+  checks,
   data,
+  guards,
   hf_io,
   hidden_bridge,
-  losses,
   manifest,
   metrics,
   resize,
   source,
 )
+from cbd_jax.checks import link_steps  # noqa: F401  (the chain's API)
 from cbd_jax.config import ModelConfig
 from cbd_jax.link_driver import (  # noqa: F401  (global_batch, host_params: the chain's API)
   LinkKind,
   LinkRun,
   global_batch,
   host_params,
-  link_steps,
   train_link,
 )
-from cbd_jax.sharding import MESH_AXES
+from cbd_jax.sharding import make_mesh
 from cbd_jax.train_step import LossSettings, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -64,23 +65,47 @@ def check_config(config) -> None:
     raise ValueError("config.chain is empty; give at least one link")
   if len(set(names)) != len(names):
     raise ValueError(f"link names {names} repeat; give every link its own name")
-  unknown = set(dict(config.mesh)) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}")
+  checks.check_run(config)
   for i, link in enumerate(config.chain):
     where = f"config.chain[{i}] ({link.name})"
     if is_bridged(link):
       bridge_link.check_link(link, where)
     elif not link.get("init") and not any(dict(link.shape).values()):
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
-    losses.check_kind(link.loss.kind)
+    checks.check_link(link, where)
     _check_hidden(link.loss, where)
-    link_steps(link)
-    for key in ("batch_size", "microbatches", "seq_len"):
-      if int(link[key]) < 1:
-        raise ValueError(f"{where}: {key} must be >= 1")
-  if config.checkpoint.every < 1:
-    raise ValueError("config.checkpoint.every must be >= 1")
+
+
+def preflight(config, source_path: str, tokenizer_path: str) -> None:
+  """Checks every link against its teacher's and student's configs before any link trains:
+  shapes, the tokenizer's size against the vocabulary, ``seq_len`` against learned positions,
+  and batch divisibility over the mesh. Stops at the first bridged link (its student's
+  tokenizer is another one; its own checks run when it starts)."""
+  mesh = make_mesh(dict(config.mesh))
+  teacher = hf_io.load_config(source_path)
+  tokens = len(hf_io.load_tokenizer(tokenizer_path))
+  for i, link in enumerate(config.chain):
+    where = f"config.chain[{i}] ({link.name})"
+    checks.check_batch(link.batch_size, config.eval.batch_size, mesh, where)
+    if is_bridged(link):
+      return
+    student = (hf_io.load_config(link.init) if link.get("init") and os.path.isdir(link.init)
+               else None if link.get("init") else student_config(link, teacher))
+    for role, model_config in (("teacher", teacher), ("student", student)):
+      if model_config is not None:
+        _check_model(model_config, tokens, link.seq_len, f"{where}: the {role}")
+    teacher = student or teacher
+
+
+def _check_model(model_config: ModelConfig, tokens: int, seq_len: int, where: str) -> None:
+  """The tokenizer's ids must have embedding rows; learned positions must cover ``seq_len``."""
+  if tokens > model_config.vocab_size:
+    raise ValueError(f"{where} has {model_config.vocab_size} embedding rows but the tokenizer "
+                     f"{tokens} tokens (ids >= {model_config.vocab_size} would be out of range); "
+                     "use the model's own tokenizer (source.tokenizer)")
+  if model_config.family == "gpt2" and seq_len > model_config.max_position_embeddings:
+    raise ValueError(f"{where} has {model_config.max_position_embeddings} positions, fewer than "
+                     f"seq_len={seq_len}; lower seq_len")
 
 
 def _check_hidden(loss, where: str) -> None:
@@ -193,13 +218,30 @@ def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_
 
 
 def run_chain(config) -> dict[str, Any]:
-  """Builds (or resumes) every anchor of ``config.chain``; returns the final manifest."""
+  """Builds (or resumes) every anchor of ``config.chain``; returns the final manifest.
+
+  Everything is checked before any link trains (`check_config`, `preflight`, the links' config
+  fingerprints); one run at a time holds the workdir (`guards.WorkdirLock`).
+  """
   check_config(config)
   workdir = Path(os.path.expanduser(str(config.workdir)))
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"config.workdir={workdir} is a file; give a folder")
   source_path, tokenizer_path = source.prepare_source(config)
-  doc = manifest.load_or_create(workdir, config, source_path)
+  preflight(config, source_path, tokenizer_path)
+  with guards.WorkdirLock(workdir):
+    doc = manifest.load_or_create(workdir, config, source_path)
+    for index, link in enumerate(config.chain):
+      doc["anchors"][index] = guards.check_fingerprint(
+          doc["anchors"][index], guards.fingerprint(link, config), f"link {link.name}",
+          bool(config.get("allow_changes")))
+    manifest.save(workdir, doc)
+    return _run_links(config, workdir, doc, source_path, tokenizer_path)
+
+
+def _run_links(config, workdir: Path, doc: dict[str, Any], source_path: str,
+               tokenizer_path: str) -> dict[str, Any]:
+  """Trains the links that are not done, in order; each link's teacher is the anchor before."""
   teacher_path = source_path
   for index, link in enumerate(config.chain):
     entry = doc["anchors"][index]
@@ -212,7 +254,12 @@ def run_chain(config) -> dict[str, Any]:
         return doc["anchors"][index]
 
       kind = make_kind(config, index, workdir, entry, teacher_path, tokenizer_path)
-      done = train_link(kind, entry, on_start)
+      try:
+        done = train_link(kind, entry, on_start)
+      except guards.Stopped as stop:  # The manifest records the step the link stopped at.
+        doc["anchors"][index] = stop.entry
+        manifest.save(workdir, doc)
+        raise
       doc["anchors"][index] = done
       manifest.save(workdir, doc)
       if done["status"] != "done":

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from cbd_jax.train_step import TrainState
@@ -45,13 +47,50 @@ def save_state(manager: ocp.CheckpointManager, state: TrainState, force: bool = 
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
-  """The newest saved state, placed like ``abstract_state`` (ShapeDtypeStructs with shardings)."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  tree = manager.restore(step, args=ocp.args.StandardRestore(_as_tree(abstract_state)))
-  log.info("restored checkpoint at step %d", step)
-  return TrainState(tree["step"], tree["params"], tree["opt_state"])
+  """The newest intact saved state, placed like ``abstract_state`` (ShapeDtypeStructs with
+  shardings); None when there is none.
+
+  A step that cannot be read, or whose params or optimizer state are not finite (a damaged
+  file), is moved aside to ``<step>.corrupt`` (kept, never deleted) with a warning naming it, and
+  the next older step is tried.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      tree = manager.restore(step, args=ocp.args.StandardRestore(_as_tree(abstract_state)))
+      if not _all_finite(tree):
+        raise ValueError("non-finite values in the parameters or optimizer state")
+    except Exception as e:  # noqa: BLE001  (any damage: fall back to an older step)
+      _set_aside(manager, step, e)
+      continue
+    log.info("restored checkpoint at step %d", step)
+    return TrainState(tree["step"], tree["params"], tree["opt_state"])
+  return None
+
+
+def _all_finite(tree: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
+      leaves)) if leaves else True
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Renames a damaged step folder to ``<step>.corrupt[.N]`` so that newer saves can reuse the
+  step number; every process waits until it is done."""
+  folder = Path(manager.directory) / str(step)
+  aside = folder.with_name(f"{step}.corrupt")
+  n = 1
+  while aside.exists():
+    aside, n = folder.with_name(f"{step}.corrupt.{n}"), n + 1
+  if jax.process_index() == 0 and folder.exists():
+    os.rename(folder, aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"checkpoint-aside-{step}")
+  manager.reload()
+  cause = " ".join(f"{type(error).__name__}: {error}".split())[:240]
+  log.warning("checkpoint %s is damaged (%s); moved aside to %s and trying an older step", folder,
+              cause, aside.name)
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

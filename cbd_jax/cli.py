@@ -2,8 +2,10 @@
 
 `run(main)` runs a command's ``main(args)``: a fault the user can fix (a bad path, a bad value, a
 full disk, a string passed to ``sys.exit``) prints ONE line on stderr, ``error: ...``, and exits
-with 2; Ctrl-C prints one line and exits with 130; any other exception prints one line naming its
-type and exits with 1. ``--debug`` (or ``CBD_DEBUG=1``) shows the full traceback instead.
+with 2; Ctrl-C prints one line and exits with 130; a link stopped by a signal after saving its
+checkpoint (`cbd_jax.guards.Stopped`) prints one line and exits with 128 + the signal (143 for
+SIGTERM, 130 for SIGINT); any other exception prints one line naming its type and exits with 1.
+``--debug`` (or ``CBD_DEBUG=1``) shows the full traceback instead.
 
 `load_config("configs/x.py:variant", ["chain[0].steps=100"])` loads an ``ml_collections`` config
 file and applies ``--config.FIELD=VALUE`` overrides with the same value parsers as
@@ -87,6 +89,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
   except Exception as e:  # noqa: BLE001  (the point: one line instead of a traceback)
     if debug:
       raise
+    if isinstance(getattr(e, "exit_code", None), int):  # A planned stop (guards.Stopped).
+      _fail(one_line(e), e.exit_code)
     if _user_fault(e):
       _fail(f"error: {one_line(e)}", EXIT_USAGE)
     _fail(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", 1)
@@ -104,7 +108,7 @@ def _fail(message: str, code: int) -> None:
   """Prints one line on stderr and exits with ``code``."""
   line = " ".join(message.split("\n"))
   sys.stdout.flush()
-  print(line if line.startswith(("error:", "interrupted")) else f"error: {line}",
+  print(line if line.startswith(("error:", "interrupted", "stopped:")) else f"error: {line}",
         file=sys.stderr, flush=True)
   sys.exit(code)
 

@@ -119,6 +119,38 @@ def _read_weights(folder: Path) -> Mapping[str, np.ndarray]:
   raise CheckpointError(f"{folder}: no model.safetensors, safetensors index or pytorch_model.bin")
 
 
+def _folder_config(path: Path) -> ModelConfig:
+  """The config of an HF model folder (config.json, and the tokenizer's size if it is smaller)."""
+  if path.is_file():
+    raise CheckpointError(f"{path}: pass the model folder (with config.json) or a .gguf file")
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face model folder")
+  try:
+    raw_config = json.loads((path / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise hf_config.ConfigError(f"{path / 'config.json'}: not valid JSON ({e}); restore the "
+                                "model's own config.json") from None
+  config = hf_config.from_hf_config(raw_config, str(path / "config.json"))
+  if config.real_vocab_size is None:
+    size = _tokenizer_size(path)
+    if size is not None and size <= config.vocab_size:
+      config = config.replace(real_vocab_size=size)
+    elif size is not None:
+      log.warning("%s: the tokenizer has %d tokens but the model only %d embedding rows; ids "
+                  ">= %d are refused by forward and must not reach training", path, size,
+                  config.vocab_size, config.vocab_size)
+  return config
+
+
+def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
+  """The `ModelConfig` of an HF folder, hub id or .gguf file, without reading the weights of a
+  folder."""
+  path = resolve(path_or_id)
+  if path.is_file() and path.suffix == ".gguf":
+    return load_hf_numpy(path)[0]
+  return _folder_config(path)
+
+
 def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]:
   """Like `load_hf` but returns numpy params (host memory), e.g. to place them on a mesh."""
   path = resolve(path_or_id)
@@ -127,24 +159,7 @@ def load_hf_numpy(path_or_id: str | os.PathLike, dtype=None) -> tuple[ModelConfi
     config = hf_config.from_hf_config(raw_config, str(path))
     where = str(path)
   else:
-    if path.is_file():
-      raise CheckpointError(f"{path}: pass the model folder (with config.json) or a .gguf file")
-    if not (path / "config.json").exists():
-      raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face model folder")
-    try:
-      raw_config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise hf_config.ConfigError(f"{path / 'config.json'}: not valid JSON ({e}); restore the "
-                                  "model's own config.json") from None
-    config = hf_config.from_hf_config(raw_config, str(path / "config.json"))
-    if config.real_vocab_size is None:
-      size = _tokenizer_size(path)
-      if size is not None and size <= config.vocab_size:
-        config = config.replace(real_vocab_size=size)
-      elif size is not None:
-        log.warning("%s: the tokenizer has %d tokens but the model only %d embedding rows; ids "
-                    ">= %d are refused by forward and must not reach training", path, size,
-                    config.vocab_size, config.vocab_size)
+    config = _folder_config(path)
     tensors = _read_weights(path)
     where = str(path)
   if dtype is not None:
@@ -166,6 +181,9 @@ def load_hf(path_or_id: str | os.PathLike, dtype=None,
   return config, jax.device_put(params, sharding)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(path_or_id: str | os.PathLike):
   """The transformers tokenizer of an HF folder, hub id, or .gguf file."""
   from transformers import AutoTokenizer
@@ -173,6 +191,10 @@ def load_tokenizer(path_or_id: str | os.PathLike):
   path = resolve(path_or_id)
   if path.is_file() and path.suffix == ".gguf":
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  if path.is_dir() and not any((path / f).exists() for f in _TOKENIZER_FILES):
+    raise FileNotFoundError(f"{path}: no tokenizer in this folder (none of "
+                            f"{', '.join(_TOKENIZER_FILES)}); pass the model's folder or its "
+                            ".gguf file")
   return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -253,6 +275,21 @@ def _check_weights(tensors: Mapping[str, np.ndarray], out_dir: Path) -> None:
                        f"values of {arr.size:,}; the weights diverged (or overflow the export "
                        "dtype): rebuild them from the last finite checkpoint, e.g. with a lower "
                        "learning rate")
+
+
+def check_finite(params: Any, where: str | os.PathLike) -> None:
+  """Refuses a loaded model with NaN or inf weights, naming the folder and the first bad tensor
+  (a model that diverged, or a damaged file, must not be measured, mixed or trained from)."""
+  for path, arr in jax.tree_util.tree_flatten_with_path(params)[0]:
+    arr = np.asarray(arr)
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.kind != "V":
+      continue
+    finite = np.isfinite(arr.astype(np.float32))
+    if not finite.all():
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ValueError(f"{where}: weight {name} holds {arr.size - int(finite.sum()):,} NaN or inf "
+                       f"values of {arr.size:,}; the model diverged or its file is damaged: "
+                       "rebuild it, or use another model")
 
 
 def _new_partial(out_dir: Path) -> Path:

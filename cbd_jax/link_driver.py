@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cbd_jax import checkpoint, hf_io, metrics
+from cbd_jax import checkpoint, guards, hf_io, metrics
+from cbd_jax.checks import check_batch, link_steps
 from cbd_jax.config import ModelConfig, num_params
 from cbd_jax.sharding import (
   batch_sharding,
-  data_parallel_size,
   make_mesh,
   parse_rules,
   tree_shardings,
@@ -115,16 +115,6 @@ class LinkKind:
     return {}
 
 
-def link_steps(link) -> int:
-  """Optimizer steps of a link: ``steps``, or ceil(tokens / tokens_per_step) when tokens > 0."""
-  per_step = link.batch_size * link.microbatches * link.seq_len
-  if link.get("tokens", 0):
-    return max(1, math.ceil(link.tokens / per_step))
-  if link.steps <= 0:
-    raise ValueError(f"link {link.name}: set steps > 0 or a token budget (tokens > 0)")
-  return int(link.steps)
-
-
 def optimizer_for(link, total_steps: int):
   """(optimizer, schedule) of ``link.optimizer``, passed by name; the same objects for the same
   settings within a process, so compiled steps keyed on them are reused when a link resumes."""
@@ -173,15 +163,6 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def check_batch(link, config, mesh) -> None:
-  """Training and evaluation batches must split evenly over the mesh's batch shards."""
-  shards = data_parallel_size(mesh)
-  for key, rows in (("batch_size", link.batch_size), ("eval.batch_size", config.eval.batch_size)):
-    if rows % shards:
-      raise ValueError(f"link {link.name}: {key}={rows} must be a multiple of the mesh's "
-                       f"data x fsdp = {shards} batch shards")
-
-
 def _progress(total: int, initial: int, name: str, enabled: bool):
   from tqdm.auto import tqdm
 
@@ -189,21 +170,50 @@ def _progress(total: int, initial: int, name: str, enabled: bool):
               disable=not enabled, mininterval=1.0, smoothing=0.1)
 
 
+def _kept_on_resume(row: dict[str, Any], start: int, steps: int) -> bool:
+  """Rows a link resumed at ``start`` keeps: those written up to its checkpoint, but not the
+  final evaluation of a link that is exported again (it is measured again)."""
+  if row["step"] != start:
+    return row["step"] < start
+  return start < steps or not any(key.startswith("eval/") for key in row)
+
+
 class Reporter:
-  """Training metrics per logging window -> JSONL, the progress bar, log lines."""
+  """Training metrics per logging window -> JSONL, the progress bar, log lines.
+
+  Exact across resumes: a resumed link drops the rows a killed run wrote after its checkpoint,
+  and picks up the open window's sums saved beside the checkpoint (`save_window`), so its rows
+  equal an uninterrupted run's (but for time and throughput).
+  """
 
   def __init__(self, run: LinkRun, kind: LinkKind, steps: int, start: int, lead: bool):
     config = run.config
     self.name, self.kind, self.steps = run.link.name, kind, steps
+    path = run.workdir / "metrics" / f"{run.link.name}.jsonl"
+    self.window_path = path.with_suffix(".window.json")
+    if lead:
+      metrics.truncate_jsonl(path, functools.partial(_kept_on_resume, start=start, steps=steps))
     self.writer = metrics.MetricsWriter(
-        run.workdir / "metrics" / f"{run.link.name}.jsonl",
-        run.workdir / "tensorboard" / run.link.name if config.log.get("tensorboard") else None,
-        enabled=lead)
+        path, run.workdir / "tensorboard" / run.link.name if config.log.get("tensorboard")
+        else None, enabled=lead)
     self.every, self.quiet, self.lead = config.log.every, not config.log.progress, lead
     self.tokens_per_step = run.tokens_per_step
     self.bar = _progress(steps, start, run.link.name, lead and config.log.progress)
     self.sums, self.last = defaultdict(float), {}
+    self.windows = (metrics.read_json(self.window_path) or {}) if lead else {}
+    if str(start) in self.windows:
+      self.sums.update(self.windows[str(start)]["sums"])
+      self.last = dict(self.windows[str(start)]["last"])
     self.t_window, self.timed, self.rate = time.time(), -1, float("nan")
+
+  def save_window(self, step: int) -> None:
+    """Saves the open window's sums with a checkpoint at ``step`` (lead process only); the last
+    few are kept, as a checkpoint being written when the run dies is not the one resumed from."""
+    if self.lead:
+      self.windows[str(step)] = {"sums": dict(self.sums), "last": self.last}
+      recent = sorted(self.windows, key=int)[-4:]
+      self.windows = {k: self.windows[k] for k in recent}
+      metrics.write_json(self.window_path, self.windows)
 
   def add(self, step: int, m: dict[str, Any]) -> None:
     """One step's host metrics; writes the window's means every ``log.every`` steps.
@@ -268,9 +278,8 @@ def check_finite(name: str, step: int, m: dict[str, Any], last_checkpoint) -> No
     kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
     raise NonFiniteError(
         f"link {name}: non-finite {'/'.join(bad)} at step {step}; likely causes: a learning rate "
-        "that is nan or too high (optimizer.lr), loss.temperature=0, a damaged checkpoint or token "
-        f"cache, token ids outside the model's vocabulary; last finite checkpoint kept: {kept}; "
-        "nothing was exported")
+        "too high (optimizer.lr), a damaged teacher, checkpoint or token cache, token ids outside "
+        f"the model's vocabulary; last finite checkpoint kept: {kept}; nothing was exported")
 
 
 def _pull(loop: _Loop, pending) -> None:
@@ -280,32 +289,48 @@ def _pull(loop: _Loop, pending) -> None:
   check_finite(loop.reporter.name, step, m, loop.manager.latest_step())
 
 
+def _save(loop: _Loop, state) -> None:
+  """A checkpoint of ``state`` and the metrics window open at its step."""
+  checkpoint.save_state(loop.manager, state, force=True)
+  loop.reporter.save_window(int(jax.device_get(state.step)))
+
+
 def _run_steps(state, stop: int, loop: _Loop, config):
   """Optimizer steps from ``state.step`` to ``stop``: checkpoints, evals and metrics on the way.
 
   Metrics are pulled one step late, except before a checkpoint or an evaluation: a state is only
-  saved once its step's loss, gradient and parameters are known to be finite.
+  saved once its step's loss, gradient and parameters are known to be finite. A SIGTERM / SIGINT
+  (`guards.StopSignals`) stops the loop after the current step with a checkpoint there.
   """
   kind, reporter, pending = loop.kind, loop.reporter, None
-  for step in range(int(jax.device_get(state.step)), stop):
-    state, m = kind.step(state, loop.teacher_params, global_batch(loop.mesh, kind.batch(step), 1))
-    if pending is not None:  # Pulled one step late, so the device never waits for the host.
-      _pull(loop, pending)
-    pending = (step + 1, m)
-    reporter.bar.update(1)
-    save = (step + 1) % config.checkpoint.every == 0
-    evaluate = (config.eval.every and (step + 1) % config.eval.every == 0
-                and step + 1 < reporter.steps)
-    if save or evaluate:
-      _pull(loop, pending)
-      pending = None
-    if save:
-      checkpoint.save_state(loop.manager, state, force=True)
-    if evaluate:
-      reporter.evaluated(step + 1, kind.evaluate(state.params, loop.teacher_params, loop.mesh))
+  with guards.StopSignals() as signals:
+    for step in range(int(jax.device_get(state.step)), stop):
+      state, m = kind.step(state, loop.teacher_params,
+                           global_batch(loop.mesh, kind.batch(step), 1))
+      if pending is not None:  # Pulled one step late, so the device never waits for the host.
+        _pull(loop, pending)
+      pending = (step + 1, m)
+      reporter.bar.update(1)
+      signum = signals.requested(step + 1)
+      save = (step + 1) % config.checkpoint.every == 0 or signum is not None
+      evaluate = (config.eval.every and (step + 1) % config.eval.every == 0
+                  and step + 1 < reporter.steps and signum is None)
+      if save or evaluate:
+        _pull(loop, pending)
+        pending = None
+      if evaluate:  # Before the save: a resume from this checkpoint never lacks this row.
+        reporter.evaluated(step + 1, kind.evaluate(state.params, loop.teacher_params, loop.mesh))
+      if save:
+        _save(loop, state)
+      if signum is not None:
+        loop.manager.wait_until_finished()
+        raise guards.Stopped(
+            f"stopped: link {reporter.name} stopped by {signal.Signals(signum).name} at step "
+            f"{step + 1} of {reporter.steps}; checkpoint saved; run the same command again to "
+            "resume", signum)
   if pending is not None:
     _pull(loop, pending)
-  checkpoint.save_state(loop.manager, state, force=True)
+  _save(loop, state)
   loop.manager.wait_until_finished()
   return state
 
@@ -334,7 +359,7 @@ def _setup(kind: LinkKind, s_config: ModelConfig, fresh):
   run, link = kind.run, kind.run.link
   student, steps = compute_config(s_config, link), link_steps(link)
   mesh = make_mesh(dict(run.config.mesh))
-  check_batch(link, run.config, mesh)
+  check_batch(link.batch_size, run.config.eval.batch_size, mesh, f"link {link.name}")
   rules = parse_rules(run.config.get("sharding_rules"))
   optimizer, schedule = optimizer_for(link, steps)
   teacher = compute_config(run.t_config, link, teacher=True) if run.t_config else None
@@ -390,10 +415,13 @@ def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any
   loop = _Loop(kind, teacher_params, mesh, manager, reporter)
   try:
     state = _run_steps(state, stop, loop, run.config)
-  except NonFiniteError:  # The finite checkpoints stay; nothing is exported or marked done.
+  except (NonFiniteError, guards.Stopped) as e:  # Checkpoints stay; nothing is exported.
     reporter.close()
     manager.wait_until_finished()
     manager.close()
+    if isinstance(e, guards.Stopped):
+      stopped = int(manager.latest_step() or 0)
+      e.entry = dict(entry, tokens=stopped * run.tokens_per_step, steps=stopped)
     raise
   if stop < steps:  # This run's step budget (stop_after) is spent: the link stays "running".
     log.info("link %s: stopping at step %d of %d (stop_after); run again to resume",

@@ -121,6 +121,30 @@ def done_anchors(doc: dict[str, Any]) -> list[dict[str, Any]]:
   return [a for a in doc["anchors"] if a["status"] == "done"]
 
 
+RECORDED_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                   "num_kv_heads", "head_dim", "intermediate_size")
+
+
+def check_recorded(folder: str | os.PathLike, config: ModelConfig, recorded: dict | None) -> None:
+  """A model folder of a chain must still be the model its manifest entry records."""
+  if not recorded:
+    return
+  diff = [f"{k} {recorded[k]} recorded, {getattr(config, k)} in the folder"
+          for k in RECORDED_FIELDS if k in recorded and recorded[k] != getattr(config, k)]
+  if diff:
+    raise ValueError(f"{folder}: not the model {MANIFEST} records ({'; '.join(diff)}); the folder "
+                     "was replaced or the manifest edited: restore the folder or rebuild the "
+                     "chain")
+
+
+def recorded_configs(workdir: Path, doc: dict[str, Any]) -> dict[Path, dict]:
+  """{resolved folder: recorded config} of a manifest's source and finished anchors."""
+  out = {Path(doc["source"]["path"]).resolve(): doc["source"]["config"]}
+  for a in done_anchors(doc):
+    out[(Path(workdir) / a["path"]).resolve()] = a["config"]
+  return out
+
+
 def load_or_create(workdir: Path, config, source_path: str) -> dict[str, Any]:
   """The workdir's manifest (checked against the config's links), or a new one."""
   names = [link.name for link in config.chain]

@@ -99,6 +99,38 @@ def _finite(value: float) -> float | None:
   return value if math.isfinite(value) else None
 
 
+def truncate_jsonl(path: str | os.PathLike, keep) -> None:
+  """Rewrites a metrics file with only the rows ``keep(row)`` accepts (atomic; nothing if no
+  row is dropped or the file does not exist)."""
+  rows = read_jsonl(path)
+  kept = [row for row in rows if keep(row)]
+  if len(kept) < len(rows):
+    log.info("%s: dropping %d rows written after the checkpoint resumed from", path,
+             len(rows) - len(kept))
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Replaces a file whole (write beside, then rename), so a crash never leaves half of it."""
+  path = Path(path)
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, doc: Any) -> None:
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  write_text_atomic(path, json.dumps(doc) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file's content, or None when it is missing or unreadable."""
+  try:
+    return json.loads(Path(path).read_text())
+  except (OSError, ValueError):
+    return None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All rows of a metrics file (empty when it does not exist)."""
   path = Path(path)

@@ -22,11 +22,11 @@ from typing import Any
 
 import jax
 
-from cbd_jax import hf_io, lm_step, manifest, source
+from cbd_jax import checks, guards, hf_io, lm_step, manifest, source
 from cbd_jax.chain import KDLink
+from cbd_jax.checks import link_steps
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.link_driver import LinkRun, evaluate_lm, link_steps, summarize_lm, train_link
-from cbd_jax.sharding import MESH_AXES
+from cbd_jax.link_driver import LinkRun, evaluate_lm, summarize_lm, train_link
 
 log = logging.getLogger(__name__)
 STATE, SUMMARY = "recovery.json", "cbd_recovery.json"
@@ -94,17 +94,8 @@ def check_config(config) -> None:
   if loss.kd_weight and not config.teacher:
     raise ValueError(f"loss.kd_weight={loss.kd_weight} needs a teacher; pass "
                      "--config.teacher=DIR (e.g. the nearest larger anchor) or set kd_weight=0")
-  if not loss.kd_weight and not loss.ce_weight:
-    raise ValueError("loss.kd_weight and loss.ce_weight are both 0; set one of them > 0")
-  for key in ("batch_size", "microbatches", "seq_len"):
-    if int(config[key]) < 1:
-      raise ValueError(f"config.{key}={config[key]} must be >= 1")
-  unknown = set(dict(config.mesh)) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}")
-  if config.checkpoint.every < 1:
-    raise ValueError("config.checkpoint.every must be >= 1")
-  link_steps(config)
+  checks.check_run(config)
+  checks.check_link(config, "config")
 
 
 def _paths(config) -> tuple[Path, Path]:
@@ -155,12 +146,21 @@ def train_target(config) -> dict[str, Any]:
   check_config(config)
   _prepare_model(config)
   workdir, out = _paths(config)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-  state = _load_state(workdir, out, config)
-  if state.get("status") == "done" and out.exists():
-    log.info("%s already trained into %s; nothing to do", config.model, out)
-    return state
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"config.workdir={workdir} is a file; give a folder")
+  with guards.WorkdirLock(workdir):
+    state = _load_state(workdir, out, config)
+    if state.get("status") == "done" and out.exists():
+      log.info("%s already trained into %s; nothing to do", config.model, out)
+      return state
+    state = guards.check_fingerprint(state, guards.fingerprint(config, config),
+                                     f"the recovery of {config.model}",
+                                     bool(config.get("allow_changes")))
+    return _train(config, workdir, out, state)
+
+
+def _train(config, workdir: Path, out: Path, state: dict[str, Any]) -> dict[str, Any]:
+  """Runs the recovery link and records its state (and the export's summary when done)."""
   t_config = t_params = None
   if config.teacher:
     t_config, t_params = hf_io.load_hf_numpy(config.teacher)
@@ -174,7 +174,11 @@ def train_target(config) -> dict[str, Any]:
     _save_json(workdir / STATE, entry)
     return entry
 
-  done = train_link(RecoveryLink(run), dict(state, model=str(config.model)), on_start)
+  try:
+    done = train_link(RecoveryLink(run), dict(state, model=str(config.model)), on_start)
+  except guards.Stopped as stop:
+    _save_json(workdir / STATE, stop.entry)
+    raise
   _save_json(workdir / STATE, done)
   if done["status"] == "done":
     summary = {k: done[k] for k in ("initialised_from", "teacher", "teacher_flops", "tokens",

@@ -62,6 +62,8 @@ def evaluate_models(models: list[dict], text_file: str | Path, eval_tokens: int,
   texts: dict[str, heldout.HeldoutText] = {}
   for m in models:
     config, params = hf_io.load_hf_numpy(m["path"])
+    manifest.check_recorded(m["path"], config, m["config"] if m["role"] == "anchor" else None)
+    hf_io.check_finite(params, m["path"])
     tokenizer = hf_io.load_tokenizer(m["path"])
     key = str(len(tokenizer))
     if key not in texts:

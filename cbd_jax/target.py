@@ -88,6 +88,16 @@ def _resolve(size, chain, anchors, use_source):
   return (*pick_anchors(chain, size, use_source), chain)
 
 
+def _load_anchor(path: Path, chain_dir: Path | None):
+  """(config, params) of an anchor: finite weights, and the model its chain's manifest records."""
+  config, params = hf_io.load_hf(str(path))
+  if chain_dir is not None:
+    recorded = manifest.recorded_configs(chain_dir, manifest.read(chain_dir))
+    manifest.check_recorded(path, config, recorded.get(Path(path).resolve()))
+  hf_io.check_finite(params, path)
+  return config, params
+
+
 def _tokenizer(paths):
   folder = next((p for p in paths if _has_tokenizer(p)), None)
   return hf_io.load_tokenizer(str(folder)) if folder else None
@@ -119,7 +129,7 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
   protected, chain_text = chain_folders(chain_dir) if chain_dir else ([path_a, path_b], None)
   out = Path(out) if out else (chain_dir or path_a.parent) / "targets" / str(size)
   _check_out(out, protected + [path_a, path_b], overwrite)
-  loaded = sorted([(hf_io.load_hf(str(p)), p) for p in (path_a, path_b)],
+  loaded = sorted([(_load_anchor(p, chain_dir), p) for p in (path_a, path_b)],
                   key=lambda x: num_params(x[0][0]))
   (small, path_s), (large, path_l) = loaded
   target = sizing.resolve_size(size, small[0], large[0])

@@ -45,7 +45,11 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       shape=dict(shape, head_dim=64),
       shrink="importance",             # Keep the channels / neurons / heads of largest norm.
       steps=0, tokens=tokens,
-      loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=2048),
+      loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=2048,
+                # Hidden-state distillation, off (see cbd_jax.hidden_bridge); turn it on with
+                # --config.chain[i].loss.hidden_weight=1.0 --config.chain[i].loss.hidden_kind=cosine
+                hidden_weight=0.0, hidden_kind="mse", hidden_layers="uniform",
+                projector="identity", projector_seed=0),
       bridge="none",
       optimizer=optimizer(lr, warmup_steps),
       batch_size=batch_size, microbatches=1, seq_len=seq_len,
@@ -75,6 +79,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval = mlc.ConfigDict(dict(every=0, batch_size=8, num_batches=2))
   c.log = mlc.ConfigDict(dict(every=2, progress=True, tensorboard=False))
   c.export_dtype = "float32"
+  c.stop_after = 0                # Steps per invocation (0 = to the end).
+  c.allow_changes = False         # Resume a started link with a changed config (recorded).
   # The end-of-run report (launch/report.py): held-out text, tokens and the target size.
   c.report = mlc.ConfigDict(dict(target_size="50m", eval_tokens=4096, seq_len=128))
   if arg == "smoke":

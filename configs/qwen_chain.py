@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.log = mlc.ConfigDict(dict(every=10, progress=True, tensorboard=True))
   c.export_dtype = "bfloat16"     # dtype of the exported anchors ("" = fp32 master weights).
   c.stop_after = 0                # Steps per invocation (0 = to the end), for time-limited jobs.
+  c.allow_changes = False         # Resume a started link with a changed config (recorded).
   if arg == "smoke":
     _smoke(c)
   return c

@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.log = mlc.ConfigDict(dict(every=10, progress=True, tensorboard=False))
   c.export_dtype = "float32"
   c.stop_after = 0                # Steps per invocation (0 = to the end).
+  c.allow_changes = False         # Resume a started link with a changed config (recorded).
   if arg == "smoke":
     c.workdir = "runs/recovery_smoke"
     c.model = str(assets.cache_dir() / "smoke" / "recovery-random-model")

@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.log = mlc.ConfigDict(dict(every=2, progress=False, tensorboard=False))
   c.export_dtype = "float32"
   c.stop_after = 0                # Steps per invocation (0 = to the end).
+  c.allow_changes = False         # Resume a started link with a changed config (recorded).
   c.report = mlc.ConfigDict(dict(eval_tokens=4096, seq_len=128))
   if smoke:
     c.workdir += "_smoke"

@@ -51,6 +51,9 @@ def main(argv):
   if config is None:
     sys.exit(f"error: no --config given and {DEFAULT_CONFIG.relative_to(ROOT)} does not exist "
              "yet; pass one, e.g. --config=configs/qwen_chain.py:smoke")
+  from cbd_jax.chain import check_config, run_chain
+
+  check_config(config)  # Every link's fields, before JAX starts: a bad value costs one line.
   import jax
 
   args = _distributed_args(os.environ)
@@ -60,8 +63,6 @@ def main(argv):
   import datasets
 
   datasets.disable_progress_bars()
-  from cbd_jax.chain import run_chain
-
   logging.info("devices: %d (%s), processes: %d", jax.device_count(), jax.default_backend(),
                jax.process_count())
   try:

@@ -30,6 +30,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     sys.exit("error: no --config given; pass one, e.g. --config=configs/recovery.py:smoke")
+  from cbd_jax.recovery import check_config, train_target
+
+  check_config(config)  # Before JAX starts: a bad value costs one line.
   import jax
 
   from cbd_jax.distributed import distributed_args
@@ -40,8 +43,6 @@ def main(argv):
   import datasets
 
   datasets.disable_progress_bars()
-  from cbd_jax.recovery import train_target
-
   try:
     done = train_target(config)
   except (ValueError, FileNotFoundError, FileExistsError) as e:

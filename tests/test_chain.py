@@ -122,24 +122,25 @@ def test_changed_chain_in_an_existing_workdir_is_refused(tmp_path):
     chain.run_chain(config)
 
 
-def test_nan_learning_rate_stops_the_link_with_one_line_and_exports_nothing(tmp_path):
+def test_nan_learning_rate_is_refused_before_anything_is_written(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "launch/train_chain.py", "--config=configs/qwen_chain.py:smoke",
-         f"--config.workdir={workdir}", "--config.chain[0].optimizer.lr=nan",
+         f"--config.workdir={workdir}", "--config.chain[1].optimizer.lr=nan",
          "--config.log.progress=False"]
   env = dict(os.environ, HF_HUB_OFFLINE="1")
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode != 0
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: link anchor1: non-finite") and "optimizer.lr" in last
-  assert "Traceback" not in result.stderr
-  doc = json.loads((workdir / "chain.json").read_text(), parse_constant=pytest.fail)
-  assert [a["status"] for a in doc["anchors"]] == ["running", "pending"]
-  assert not (workdir / "anchors").exists()
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: config.chain[1] (anchor2): optimizer.lr=nan must be a number >= 1e-12 (a learning "
+      "rate such as 3e-4)"]
+  assert not workdir.exists()
 
 
-def test_a_link_turning_non_finite_keeps_its_last_finite_checkpoint(tmp_path):
-  from cbd_jax import checkpoint, link_driver
+def test_a_link_turning_non_finite_stops_in_one_line_and_keeps_its_last_finite_checkpoint(
+    tmp_path):
+  """The guard behind validation: a step whose loss turns non-finite (here a NaN learning rate
+  given to the driver directly, as a damaged input would) stops the link."""
+  from cbd_jax import checkpoint, link_driver, source
 
   _one_link(tmp_path, stop_after=3)  # A finite checkpoint at step 3.
   config = qwen_chain.get_config("smoke")
@@ -148,9 +149,62 @@ def test_a_link_turning_non_finite_keeps_its_last_finite_checkpoint(tmp_path):
   config.chain[0].update(dict(steps=6))
   config.chain[0].optimizer.lr = float("nan")
   config.checkpoint.every, config.eval.every, config.log.progress = 1, 0, False
-  with pytest.raises(link_driver.NonFiniteError, match="at step 4;.*checkpoint kept: step 3"):
-    chain.run_chain(config)
+  source_path, tokenizer_path = source.prepare_source(config)
+  entry = manifest.read(tmp_path)["anchors"][0]
+  kind = chain.make_kind(config, 0, tmp_path, entry, source_path, tokenizer_path)
+  with pytest.raises(link_driver.NonFiniteError) as e:
+    link_driver.train_link(kind, entry, lambda _: entry)
+  assert str(e.value) == (
+      "link anchor1: non-finite param_norm at step 4; likely causes: a learning rate too high "
+      "(optimizer.lr), a damaged teacher, checkpoint or token cache, token ids outside the "
+      "model's vocabulary; last finite checkpoint kept: step 3; nothing was exported")
   manager = checkpoint.make_checkpoint_manager(tmp_path / "checkpoints" / "anchor1", 1)
   assert manager.all_steps() == [3]
-  entry = manifest.read(tmp_path)["anchors"][0]
-  assert entry["status"] == "running" and not (tmp_path / entry["path"]).exists()
+  assert not (tmp_path / entry["path"]).exists()
+
+
+def _copy_chain(smoke, tmp_path) -> Path:
+  import shutil
+
+  workdir = tmp_path / "chain"
+  shutil.copytree(smoke[0], workdir, ignore=shutil.ignore_patterns("checkpoints"))
+  return workdir
+
+
+def test_init_model_and_report_refuse_an_anchor_that_is_not_the_recorded_one(smoke, tmp_path):
+  from cbd_jax import report
+
+  workdir = _copy_chain(smoke, tmp_path)
+  one, two = workdir / "anchors" / "anchor1", workdir / "anchors" / "anchor2"
+  one.rename(tmp_path / "swap")
+  two.rename(one)
+  (tmp_path / "swap").rename(two)
+  with pytest.raises(ValueError) as e:  # The small anchor's folder is read first.
+    target.init_target(64_000, chain=workdir, out=tmp_path / "t", log=lambda _: None)
+  assert str(e.value) == (
+      f"{two}: not the model chain.json records (hidden_size 32 recorded, 48 in the folder; "
+      "num_layers 2 recorded, 3 in the folder; num_heads 2 recorded, 4 in the folder; "
+      "num_kv_heads 1 recorded, 2 in the folder; intermediate_size 64 recorded, 96 in the "
+      "folder); the folder was replaced or the manifest edited: restore the folder or rebuild "
+      "the chain")
+  with pytest.raises(ValueError, match="not the model chain.json records"):
+    report.chain_report(workdir, ROOT / "README.md", 256, 32)
+  assert not (tmp_path / "t").exists()
+
+
+def test_init_model_and_report_refuse_an_anchor_with_nan_weights(smoke, tmp_path):
+  from cbd_jax import report
+
+  workdir = _copy_chain(smoke, tmp_path)
+  weights = workdir / "anchors" / "anchor2" / "model.safetensors"
+  tensors = safetensors.numpy.load_file(weights)
+  name = sorted(tensors)[0]
+  tensors[name] = tensors[name].copy()
+  tensors[name].flat[0] = np.nan
+  safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"anchor2: weight .+ holds 1 NaN or inf values of "
+                                       r"[\d,]+; the model diverged or its file is damaged"):
+    target.init_target(64_000, chain=workdir, out=tmp_path / "t", log=lambda _: None)
+  with pytest.raises(ValueError, match="anchor2: weight .+ holds 1 NaN or inf values"):
+    report.chain_report(workdir, ROOT / "README.md", 256, 32)
+  assert not (tmp_path / "t").exists()
