@@ -8,7 +8,8 @@ their shard file as they go: memory is bounded by a batch of documents, not by t
 
 ``index.json`` is written last and the folder is renamed into place whole, so its presence is
 the completion marker: on a pod, process 0 builds the folder and the others wait for the marker
-on the shared filesystem. Reads are ``np.memmap`` views opened on demand; every shard's size is
+on the shared filesystem (failing with one line when process 0's ``.building`` heartbeat file is
+absent or stale, e.g. a cache folder that is not shared). Reads are ``np.memmap`` views opened on demand; every shard's size is
 checked against the index first, so a truncated or missing shard is a one-line error.
 """
 
@@ -23,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,22 +143,30 @@ def _run_workers(tasks: list[tuple], workers: int, scratch: Path) -> list[int]:
   Fresh interpreters (``python -m cbd_jax.token_shards JOB``), not fork: the parent may run JAX
   threads; not multiprocessing's spawn either: it re-runs a caller's unguarded main script.
   """
-  env = dict(os.environ, TOKENIZERS_PARALLELISM="false")  # One core per worker.
+  root = str(Path(__file__).resolve().parents[1])  # Importable even when not installed.
+  path = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
+  env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)  # One core each.
   jobs = []
-  for w in range(workers):
-    job = scratch / f"job-{w}.pkl"
-    job.write_bytes(pickle.dumps([pickle.dumps(t) for t in tasks[w::workers]]))
-    with open(job.with_suffix(".log"), "wb") as err:
-      cmd = [sys.executable, "-m", "cbd_jax.token_shards", str(job)]
-      jobs.append((job, subprocess.Popen(cmd, env=env, stdout=err, stderr=err)))
-  counts: list[int] = [0] * len(tasks)
-  for w, (job, proc) in enumerate(jobs):
-    if proc.wait() != 0:
-      last = job.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:]
-      raise RuntimeError(f"tokenising worker {w} failed (exit {proc.returncode}): "
-                         f"{last[0] if last else 'no output'}")
-    counts[w::workers] = json.loads(job.with_suffix(".json").read_text())
-  return counts
+  try:
+    for w in range(workers):
+      job = scratch / f"job-{w}.pkl"
+      job.write_bytes(pickle.dumps([pickle.dumps(t) for t in tasks[w::workers]]))
+      with open(job.with_suffix(".log"), "wb") as err:
+        cmd = [sys.executable, "-m", "cbd_jax.token_shards", str(job)]
+        jobs.append((job, subprocess.Popen(cmd, env=env, stdout=err, stderr=err)))
+    counts: list[int] = [0] * len(tasks)
+    for w, (job, proc) in enumerate(jobs):
+      if proc.wait() != 0:
+        last = job.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"tokenising worker {w} failed (exit {proc.returncode}): "
+                           f"{last[0] if last else 'no output'}")
+      counts[w::workers] = json.loads(job.with_suffix(".json").read_text())
+    return counts
+  finally:
+    for _, proc in jobs:  # On an error or an interrupt, no worker outlives the call.
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _worker_main(job: str) -> None:
@@ -192,36 +202,75 @@ def write_shards(folder: Path, ds, encode: Callable, dtype, workers: int,
   return meta
 
 
-def _wait_for(index: Path, timeout_s: float, poll_s: float) -> None:
-  deadline = time.monotonic() + timeout_s
+def _wait_for(folder: Path, timeout_s: float, poll_s: float, stale_s: float) -> None:
+  """Waits for the writer's index; fails early when no writer has been seen for ``stale_s``."""
+  index, marker = folder / INDEX, _marker(folder)
+  start = time.monotonic()
   while not index.exists():
-    if time.monotonic() > deadline:
-      raise TimeoutError(
-          f"{index}: not written after {timeout_s:.0f}s; process 0 tokenises the data once for "
-          "all hosts: check that it runs and that data.cache_dir is a folder all hosts share "
-          "(or set data.cache_shared=False, or raise data.tokenize_timeout_s)")
+    waited = time.monotonic() - start
+    if waited > timeout_s:
+      raise TimeoutError(f"{index}: not written after {timeout_s:.0f}s; check process 0's log "
+                         "(or raise data.tokenize_timeout_s)")
+    if waited > stale_s:
+      try:
+        age = time.time() - marker.stat().st_mtime
+      except OSError:
+        raise TimeoutError(
+            f"{index}: not written and {marker} absent after {stale_s:.0f}s: process 0 is not "
+            "tokenising; data.cache_dir must be a folder all hosts share (or set "
+            "data.cache_shared=False)") from None
+      if age > stale_s:
+        raise TimeoutError(f"{marker}: not refreshed for {age:.0f}s, the writer stopped; "
+                           f"check process 0's log, delete {marker} and rerun")
     time.sleep(poll_s)
 
 
+def _marker(folder: Path) -> Path:
+  return folder.with_name(f"{folder.name}.building")
+
+
+def _build_with_heartbeat(folder: Path, build: Callable[[Path], object], beat_s: float) -> None:
+  """``build`` into a hidden sibling renamed into place; the marker is refreshed meanwhile."""
+  tmp = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.part")
+  marker, done = _marker(folder), threading.Event()
+  marker.parent.mkdir(parents=True, exist_ok=True)
+
+  def beat():
+    while not done.wait(beat_s):
+      marker.touch()
+
+  marker.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+      os.replace(tmp, folder)
+    except OSError:  # Another writer finished first: keep theirs.
+      shutil.rmtree(tmp, ignore_errors=True)
+  finally:
+    done.set()
+    thread.join()
+    marker.unlink(missing_ok=True)
+
+
 def open_or_build(folder: Path, build: Callable[[Path], object], writer: bool,
-                  timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> TokenShards:
+                  timeout_s: float = 6 * 3600, poll_s: float = 2.0,
+                  stale_s: float = 600.0) -> TokenShards:
   """The shards in ``folder``: built by ``build(tmp)`` when ``writer``, else waited for.
 
   The writer builds into a hidden sibling and renames it into place, so the folder is whole or
-  absent; when two writers race, the first rename wins and the other's copy is dropped.
+  absent; when two writers race, the first rename wins and the other's copy is dropped. While
+  it builds, it refreshes ``<folder>.building`` every ``stale_s / 4``: a reader that sees no
+  fresh marker for ``stale_s`` fails with one line instead of waiting ``timeout_s``.
   """
   folder = Path(folder)
   if not (folder / INDEX).exists():
     if writer:
-      tmp = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.part")
-      shutil.rmtree(tmp, ignore_errors=True)
-      build(tmp)
-      try:
-        os.replace(tmp, folder)
-      except OSError:  # Another writer finished first: keep theirs.
-        shutil.rmtree(tmp, ignore_errors=True)
+      _build_with_heartbeat(folder, build, stale_s / 4)
     else:
-      _wait_for(folder / INDEX, timeout_s, poll_s)
+      _wait_for(folder, timeout_s, poll_s, stale_s)
   return TokenShards.open(folder)
 
 

@@ -2,6 +2,7 @@
 shards built once in parallel and shared; streamed sources resumed from saved positions."""
 
 import json
+import os
 import threading
 
 import ml_collections
@@ -77,6 +78,18 @@ def test_processes_share_one_cache(tokenizer, small_text, tmp_path):
   stamp = (written.folder / "index.json").stat().st_mtime_ns
   data.load_tokens(small_text, tokenizer, tmp_path, process_index=0)  # Done once, not rebuilt.
   assert (written.folder / "index.json").stat().st_mtime_ns == stamp
+
+
+def test_a_reader_without_a_writer_fails_early(tmp_path):
+  folder = tmp_path / "tokens-v2-x"
+  wait = dict(writer=False, timeout_s=60, poll_s=0.02, stale_s=0.2)
+  with pytest.raises(TimeoutError, match="building absent .* a folder all hosts share"):
+    token_shards.open_or_build(folder, None, **wait)
+  marker = tmp_path / "tokens-v2-x.building"
+  marker.write_text("{}")
+  os.utime(marker, (1, 1))  # A writer that stopped long ago.
+  with pytest.raises(TimeoutError, match="building: not refreshed .* delete"):
+    token_shards.open_or_build(folder, None, **wait)
 
 
 def _old_batch(tokens, seq_len, seed, step, microbatches, batch_size, rows=None):
