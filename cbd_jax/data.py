@@ -330,14 +330,16 @@ class StreamedTokens:
     """The stream from ``start`` on, through every later epoch."""
     while True:
       buf, produced = list(start.carry), False
+      whole = (start.window, start.group, start.taken) == (0, 0, 0) and start.source is None
       for window, source, docs in self._windows(start):
         at = dataclasses.replace(start, window=window, source=source)
         for seq, pos in self._pack(at, docs, buf):
           produced = True
           yield seq, pos
         start = StreamPosition(start.epoch, window + 1)
-      if not produced and start.window == 0:
-        raise ValueError("the streamed dataset yielded no complete sequence")
+      if not produced and whole:
+        raise ValueError(f"the streamed dataset yielded no complete sequence of "
+                         f"{self.seq_len + 1} tokens in a whole epoch; give more text")
       start = StreamPosition(start.epoch + 1)
 
   def _snapshots(self) -> dict[int, Path]:

@@ -9,8 +9,9 @@ their shard file as they go: memory is bounded by a batch of documents, not by t
 ``index.json`` is written last and the folder is renamed into place whole, so its presence is
 the completion marker: on a pod, process 0 builds the folder and the others wait for the marker
 on the shared filesystem (failing with one line when process 0's ``.building`` heartbeat file is
-absent or stale, e.g. a cache folder that is not shared). Reads are ``np.memmap`` views opened on demand; every shard's size is
-checked against the index first, so a truncated or missing shard is a one-line error.
+absent or stale, e.g. a cache folder that is not shared). Reads are ``np.memmap`` views opened
+on demand; every shard's size is checked against the index first, so a truncated or missing shard
+is a one-line error.
 """
 
 from __future__ import annotations

@@ -216,6 +216,14 @@ def test_streamed_source_without_state_dir_replays(tokenizer, docs_jsonl):
                                 want[5])
 
 
+def test_a_stream_too_short_for_one_sequence_is_an_error(tokenizer, tmp_path):
+  path = tmp_path / "short.jsonl"
+  path.write_text('{"text": "one"}\n{"text": "two"}\n')
+  short = data.StreamedTokens(data.load_documents(str(path), streaming=True), tokenizer, 32, 0)
+  with pytest.raises(ValueError, match="no complete sequence of 33 tokens"):
+    short.batch(0, 1, 1)
+
+
 def test_bad_sources_fail_with_one_clear_line(tmp_path):
   with pytest.raises(FileNotFoundError, match="data files not found"):
     data.resolve_files(str(tmp_path / "missing.txt"))
