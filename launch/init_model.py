@@ -77,7 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "small anchor (only right when the small anchor kept leading units)")
   p.add_argument("--dtype", default=None, choices=DTYPES,
                  help="dtype of the written weights (default: the anchors' dtype)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.eval_tokens < 1:
+    p.error(f"--eval_tokens={args.eval_tokens} must be >= 1")
+  if args.seq_len < 1:
+    p.error(f"--seq_len={args.seq_len} must be >= 1")
+  if args.calib_tokens < 1:
+    p.error(f"--calib_tokens={args.calib_tokens} must be >= 1")
+  return args
 
 
 def main(argv=None) -> int:

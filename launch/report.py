@@ -23,20 +23,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "the fetched news text)")
   p.add_argument("--eval_tokens", type=int, default=4096, help="held-out tokens per model")
   p.add_argument("--seq_len", type=int, default=128, help="evaluation row length")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.eval_tokens < 1:
+    p.error(f"--eval_tokens={args.eval_tokens} must be >= 1")
+  if args.seq_len < 1:
+    p.error(f"--seq_len={args.seq_len} must be >= 1")
+  return args
 
 
 def _default_text(chain: str) -> str:
-  import json
+  """The chain config's held-out file when it exists, else the fetched news text (a damaged
+  manifest is reported by the report itself, naming the file)."""
   from pathlib import Path
 
-  manifest = Path(chain) / "chain.json"
-  if manifest.exists():
-    held = (json.loads(manifest.read_text()).get("config") or {}).get("data", {}).get("heldout")
-    if held and os.path.exists(str(held)):
-      return str(held)
-  from cbd_jax import assets
+  from cbd_jax import assets, manifest
 
+  try:
+    doc = manifest.load(Path(chain)) or {}
+  except ValueError:
+    doc = {}
+  held = (doc.get("config") or {}).get("data", {}).get("heldout")
+  if held and os.path.exists(str(held)):
+    return str(held)
   return str(assets.english_text()["heldout"])
 
 

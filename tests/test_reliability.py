@@ -333,3 +333,21 @@ def test_forward_checks_ids_and_gpt2_length_on_the_host():
   traced = jax.eval_shape(lambda ids: cbd_jax.forward(config, params, ids),  # Not checked.
                           jnp.array([[3, 64]]))
   assert traced.shape == (1, 2, 64)
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "[1]", "not json"])
+def test_report_on_a_damaged_manifest_is_one_line(tmp_path, content):
+  (tmp_path / "chain.json").write_text(content)
+  line = _one_line_error("launch/report.py", f"--chain={tmp_path}")
+  assert line.startswith(f"error: {tmp_path / 'chain.json'}: ") and (
+      "rebuild the chain in a new workdir" in line or "use a new workdir" in line), line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["launch/report.py", "--seq_len", "0"],
+     "error: --seq_len=0 must be >= 1; see report.py --help"),
+    (["launch/init_model.py", "--size=50m", "--eval_tokens=0"],
+     "error: --eval_tokens=0 must be >= 1; see init_model.py --help"),
+])
+def test_non_positive_lengths_are_one_line_naming_the_flag(args, expected):
+  assert _one_line_error(*args) == expected
