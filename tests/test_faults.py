@@ -299,3 +299,18 @@ def test_sigterm_to_one_host_of_two_stops_both_at_the_same_step(tmp_path, refere
   want = reference[2]["anchors"][0]["eval"]
   for key in ("kl", "ce", "teacher_ce"):
     np.testing.assert_allclose(entry["eval"][key], want[key], rtol=1e-4, err_msg=key)
+
+
+def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_stops_at_once():
+  previous = signal.getsignal(signal.SIGINT)
+  with guards.StopSignals() as signals:
+    assert signals.requested(1) is None
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # The handler runs between bytecodes of this thread.
+    assert signals.requested(2) == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is previous  # Restored after the loop.
+  stop = guards.Stopped("stopped: ...", signal.SIGINT)
+  assert stop.exit_code == 130 and guards.Stopped("", signal.SIGTERM).exit_code == 143
