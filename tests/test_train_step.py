@@ -10,9 +10,9 @@ import pytest
 from cbd_jax import model
 from cbd_jax.config import ModelConfig
 from cbd_jax.sharding import make_mesh, tree_shardings
+from cbd_jax.source import init_host_params
 from cbd_jax.train_step import (
   LossSettings,
-  abstract_params,
   make_eval_step,
   make_init_state,
   make_optimizer,
@@ -28,13 +28,9 @@ LOSS = LossSettings(kind="fkl", temperature=2.0, ce_weight=0.5, chunk_size=32)
 
 
 def host_params(config, seed):
-  """Random params made on the host (normal(0.02) weights, unit norm scales): nothing compiled."""
-  rng = np.random.default_rng(seed)
-  def one(path, leaf):
-    if path[-1].key == "scale":
-      return np.ones(leaf.shape, np.float32)
-    return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(one, abstract_params(config))
+  """Random params made on the host by the project's initialiser (`source.init_host_params`:
+  normal(0.02) weights, unit norm scales, zero biases): nothing compiled."""
+  return init_host_params(config, seed)
 
 
 def _batches(seed, n, m, b, t, vocab=120):
