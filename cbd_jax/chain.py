@@ -13,12 +13,14 @@ checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax import (
@@ -32,6 +34,7 @@ from cbd_jax import (
   metrics,
   resize,
   source,
+  teacher_cache,
 )
 from cbd_jax.checks import link_steps  # noqa: F401  (the chain's API)
 from cbd_jax.config import ModelConfig
@@ -40,10 +43,11 @@ from cbd_jax.link_driver import (  # noqa: F401  (global_batch, host_params: the
   LinkRun,
   global_batch,
   host_params,
+  sync,
   train_link,
 )
-from cbd_jax.sharding import make_mesh
-from cbd_jax.train_step import LossSettings, make_eval_step, make_train_step
+from cbd_jax.sharding import make_mesh, tree_shardings
+from cbd_jax.train_step import LossSettings, make_eval_step, make_train_step, place_params
 
 log = logging.getLogger(__name__)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -74,6 +78,7 @@ def check_config(config) -> None:
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
     checks.check_link(link, where)
     _check_hidden(link.loss, where)
+    teacher_cache.check(link, where)
 
 
 def preflight(config, source_path: str, tokenizer_path: str) -> None:
@@ -207,6 +212,49 @@ class KDLink(LinkKind):
     return out
 
 
+class CachedKDLink(KDLink):
+  """KD from the link's teacher cache (`cbd_jax.teacher_cache`): the teacher runs once over the
+  budget; the training steps read its top-k log-probabilities from disk."""
+
+  name = "kd-cached"
+
+  def build(self, student, teacher, optimizer, schedule, mesh, rules):
+    super().build(student, teacher, optimizer, schedule, mesh, rules)  # Data; eval step.
+    run, spec = self.run, teacher_cache.settings(self.run.link)
+    self.folder = Path(os.path.expanduser(spec["dir"]) if spec["dir"]
+                       else run.workdir / "teacher_cache" / run.link.name)
+    link = run.link
+    teacher_cache.check_index(self.folder, {
+        "teacher": str(run.teacher_path), "k": spec["k"], "dtype": spec["dtype"],
+        "temperature": float(link.loss.temperature), "seq_len": int(link.seq_len),
+        "batch_size": int(link.batch_size), "microbatches": int(link.microbatches),
+        "processes": jax.process_count(), "tokenizer": data.tokenizer_fingerprint(
+            self.tokenizer()), "data": json.loads(run.config.data.to_json())})
+    self.train_step = teacher_cache.make_cached_step(student, optimizer, self.loss, mesh, rules,
+                                                     schedule)
+    placed = place_params(run.t_params, tree_shardings(run.t_params, mesh, rules),
+                          jnp.dtype(teacher.dtype))
+    topk = teacher_cache.make_topk(teacher, spec["k"], float(link.loss.temperature),
+                                   int(link.loss.chunk_size), mesh, rules)
+    self.computed = teacher_cache.fill(self.folder, link_steps(link), self.train_batch, topk,
+                                       placed, mesh, spec["dtype"])
+    sync(f"teacher-cache-{link.name}")
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    return super().batch(step)
+
+  def batch(self, step):
+    return dict(self.train_batch(step), **teacher_cache.read(self.folder, step))
+
+  def step(self, state, teacher_params, batch):
+    return self.train_step(state, None, batch)
+
+  def meta(self):
+    spec = teacher_cache.settings(self.run.link)
+    return {"teacher_cache": {"dir": str(self.folder), "k": spec["k"],
+                              "steps_computed_now": self.computed}}
+
+
 def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_path: str,
               tokenizer_path: str) -> LinkKind:
   """The strategy of link ``index``: plain KD, or its bridge's kind."""
@@ -214,7 +262,9 @@ def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_
   t_config, t_params = hf_io.load_hf_numpy(teacher_path)
   run = LinkRun(config, link, workdir, workdir / entry["path"], teacher_path, tokenizer_path,
                 t_config, t_params)
-  return bridge_link.make_kind(run) if is_bridged(link) else KDLink(run)
+  if is_bridged(link):
+    return bridge_link.make_kind(run)
+  return CachedKDLink(run) if teacher_cache.settings(link) else KDLink(run)
 
 
 def run_chain(config) -> dict[str, Any]:

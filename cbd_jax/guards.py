@@ -153,6 +153,12 @@ def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
   return json.loads(json.dumps(json_safe(fields)))
 
 
+def _same(a: Any, b: Any) -> bool:
+  """Equal values; a field absent on one side equals an off value (0, "", False, None) on the
+  other, so adding a field that defaults to off does not change a link's fingerprint."""
+  return a == b or (a is None and not b) or (b is None and not a)
+
+
 def check_fingerprint(entry: dict[str, Any], current: dict[str, Any], where: str,
                       allow_changes: bool) -> dict[str, Any]:
   """The entry with its fingerprint checked (or recorded); refuses a changed config in one line.
@@ -166,7 +172,7 @@ def check_fingerprint(entry: dict[str, Any], current: dict[str, Any], where: str
   if old is None or entry.get("status") == "pending":
     return dict(entry, fingerprint=current)
   changed = {k: [old.get(k), current.get(k)] for k in sorted(set(old) | set(current))
-             if old.get(k) != current.get(k)}
+             if not _same(old.get(k), current.get(k))}
   if not changed:
     return entry
   shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:6])

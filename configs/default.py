@@ -54,6 +54,7 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       optimizer=optimizer(lr, warmup_steps),
       batch_size=batch_size, microbatches=1, seq_len=seq_len,
       dtype="float32", teacher_dtype="", remat=False,
+      teacher_cache=dict(k=0, dir="", dtype="float32"),  # k > 0: the teacher's top-k, cached.
   ))
 
 

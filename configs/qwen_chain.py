@@ -51,6 +51,9 @@ def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
       seq_len=seq_len,
       dtype=dtype, teacher_dtype="",   # Compute dtypes ("" = same as the student's).
       remat=remat,
+      # Teacher cache: k > 0 runs the teacher once over the budget and trains from its stored
+      # top-k log-probs (dir "" = <workdir>/teacher_cache/<name>); see cbd_jax/teacher_cache.py.
+      teacher_cache=dict(k=0, dir="", dtype="float32"),
   ))
 
 

@@ -1,0 +1,185 @@
+"""A link's teacher, run once: its top-k log-probabilities over the link's token budget, on disk.
+
+With ``link.teacher_cache.k > 0`` a KD link first runs its teacher over every training batch of
+its budget and stores, per optimizer step and process, the teacher's top-k token ids and their
+log-probabilities at the link's temperature (``<dir>/step_00000012.p0of1.npz``: ``idx`` int32
+and ``logp`` [M, B / P, T, k]). Training then reads batch ``s`` with its cached teacher and
+distils with the top-k loss (`losses.kd_loss_topk_sum`, the tail mass ``1 - sum p_topk`` against
+the student's mass outside the top-k), so the training steps never call the teacher: later
+epochs, reruns and ablations of the link (other learning rates, student shapes, loss weights)
+read the same cache. Only held-out evaluation still runs the teacher (KL and teacher perplexity
+are measured against the real one).
+
+The cache is resumable (a killed fill keeps every finished step file; each is written beside and
+renamed), and ``cache.json`` records what it was built from (teacher, k, temperature, data,
+tokenizer, batch shape): a cache built for other settings is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbd_jax import losses, model, step_core
+from cbd_jax.config import ModelConfig
+from cbd_jax.fused_loss import fused_distill_loss
+from cbd_jax.link_driver import global_batch
+from cbd_jax.sharding import batch_sharding, tree_shardings
+from cbd_jax.train_step import LossSettings, abstract_params, state_shardings
+
+log = logging.getLogger(__name__)
+INDEX = "cache.json"
+
+
+def settings(link) -> dict[str, Any] | None:
+  """{k, dir, dtype} of a link's teacher cache, or None when it is off (k = 0 or no field)."""
+  spec = link.get("teacher_cache")
+  if not spec or not int(spec.get("k") or 0):
+    return None
+  return {"k": int(spec.k), "dir": str(spec.get("dir") or ""),
+          "dtype": str(spec.get("dtype") or "float32")}
+
+
+def check(link, where: str) -> None:
+  """One-line errors for teacher-cache settings a link cannot use."""
+  spec = settings(link)
+  if spec is None:
+    return
+  if spec["k"] < 1:
+    raise ValueError(f"{where}: teacher_cache.k={spec['k']} must be >= 1 (0 = off)")
+  if spec["dtype"] not in ("float32", "float16", "bfloat16"):
+    raise ValueError(f"{where}: teacher_cache.dtype={spec['dtype']!r}; use float32, float16 or "
+                     "bfloat16")
+  if link.loss.get("hidden_weight"):
+    raise ValueError(f"{where}: hidden-state distillation needs the live teacher's states; set "
+                     "loss.hidden_weight=0 or teacher_cache.k=0")
+
+
+def _file(folder: Path, step: int) -> Path:
+  return folder / f"step_{step:08d}.p{jax.process_index()}of{jax.process_count()}.npz"
+
+
+def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int, mesh, rules):
+  """Returns topk(teacher_params, ids [M, B, T]) -> (idx int32, logp fp32) [M, B, T, k], one
+  microbatch at a time and ``chunk_size`` tokens of logits at a time."""
+  def one(params, ids_BxT):
+    hidden, _ = model.apply_hidden(teacher, params, ids_BxT)
+    head = model.head_weight(teacher, params)
+    b, t = ids_BxT.shape
+    step = max(1, min(t, chunk_size // b))
+    pieces = [losses.topk_teacher(hidden[:, i:i + step] @ head.T.astype(hidden.dtype), k,
+                                  temperature, teacher.vocab_limit) for i in range(0, t, step)]
+    return (jnp.concatenate([p[0] for p in pieces], axis=1),
+            jnp.concatenate([p[1] for p in pieces], axis=1))
+
+  def topk(params, ids_MxBxT):
+    return jax.lax.map(lambda ids: one(params, ids), ids_MxBxT)
+
+  in_sh = (tree_shardings(abstract_params(teacher), mesh, rules),
+           batch_sharding(mesh, ndim=3, leading=1))
+  out_sh = batch_sharding(mesh, ndim=4, leading=1)
+  return jax.jit(step_core.under_mesh(topk, mesh), in_shardings=in_sh, out_shardings=out_sh)
+
+
+def check_index(folder: Path, key: dict[str, Any]) -> None:
+  """Refuses a cache built for other settings; writes the index of a new one (process 0)."""
+  path = folder / INDEX
+  if path.exists():
+    old = json.loads(path.read_text())
+    changed = {f: (old.get(f), v) for f, v in key.items() if old.get(f) != v}
+    if changed:
+      shown = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changed.items())
+      raise ValueError(f"{folder}: a teacher cache built for other settings ({shown}); delete "
+                       "it or set another teacher_cache.dir")
+  elif jax.process_index() == 0:
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(key, indent=2) + "\n")
+
+
+def fill(folder: Path, steps: int, batch_fn, topk_fn, teacher_params, mesh, dtype: str) -> int:
+  """Writes the cache files of steps 0..steps-1 that are missing; returns how many it wrote.
+
+  ``batch_fn(step)`` gives this process's rows of a batch (the link's own data order);
+  ``topk_fn`` is `make_topk`'s function.
+  """
+  todo = [s for s in range(steps) if not _file(folder, s).exists()]
+  if not todo:
+    return 0
+  log.info("teacher cache %s: running the teacher over %d of %d steps", folder, len(todo), steps)
+  start, store = time.time(), np.dtype(jnp.dtype(dtype))
+  for n, step in enumerate(todo, 1):
+    ids = global_batch(mesh, {"ids": batch_fn(step)["ids"]}, 1)["ids"]
+    idx, logp = topk_fn(teacher_params, ids)
+    _write(_file(folder, step), _local(idx), _local(logp).astype(store))
+    if n % 50 == 0 or n == len(todo):
+      log.info("teacher cache: %d/%d steps (%.1f steps/s)", n, len(todo),
+               n / max(time.time() - start, 1e-9))
+  return len(todo)
+
+
+def _local(x: jax.Array) -> np.ndarray:
+  """This process's rows (axis 1) of a global array, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[1].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    if (s.index[1].start, s.index[1].stop) not in seen:
+      seen.add((s.index[1].start, s.index[1].stop))
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows, axis=1)
+
+
+def _write(path: Path, idx: np.ndarray, logp: np.ndarray) -> None:
+  tmp = path.with_name(path.name + f".{os.getpid()}.part")
+  with open(tmp, "wb") as f:
+    np.savez(f, idx=idx.astype(np.int32), logp=logp)
+  os.replace(tmp, path)
+
+
+def read(folder: Path, step: int) -> dict[str, np.ndarray]:
+  """``{"t_idx", "t_logp"}`` of a step (this process's rows), fp32 log-probs."""
+  path = _file(folder, step)
+  try:
+    with np.load(path) as z:
+      return {"t_idx": z["idx"], "t_logp": z["logp"].astype(np.float32)}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: damaged or missing teacher-cache file ({type(e).__name__}); delete "
+                     "it and run again (the teacher recomputes it)") from None
+
+
+@functools.lru_cache(maxsize=8)
+def make_cached_step(student: ModelConfig, optimizer, loss: LossSettings, mesh, rules, schedule):
+  """step(state, None, batch) -> (state, metrics): KD from the batch's cached top-k teacher
+  (``t_idx``, ``t_logp`` [M, B, T, k]) plus the CE mix; metrics as the live KD step's."""
+  def objective(params, _, mb, total):
+    s_params = step_core.compute_params(student, params)
+    hidden, _ = model.apply_hidden(student, s_params, mb["ids"])
+    mask = mb["mask"].astype(jnp.float32)
+    value, sums = fused_distill_loss(
+        hidden, model.head_weight(student, s_params), labels_BxT=mb["labels"] if loss.ce_weight
+        else None, kind=loss.kind, temperature=loss.temperature, mask=mask,
+        vocab_limit=student.vocab_limit, kd_weight=loss.kd_weight, ce_weight=loss.ce_weight,
+        chunk_size=loss.chunk_size, teacher_topk=(mb["t_idx"], mb["t_logp"]))
+    return value / total, {"kd_sum": sums["kd_sum"], "ce_sum": sums["ce_sum"],
+                           "count": jnp.sum(mask)}
+
+  def totals(batch):
+    return jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+
+  def mean_loss(sums, total):
+    return (loss.kd_weight * sums["kd_sum"] + loss.ce_weight * sums["ce_sum"]) / total
+
+  return step_core.make_step(objective, totals, mean_loss, optimizer,
+                             state_shardings(student, optimizer, mesh, rules), None,
+                             batch_sharding(mesh, ndim=3, leading=1), mesh, schedule)
