@@ -32,6 +32,8 @@ from typing import Any
 
 import jax
 
+from cbd_jax.metrics import json_safe
+
 log = logging.getLogger(__name__)
 LOCK = ".lock"
 
@@ -78,7 +80,7 @@ class WorkdirLock:
     if not holder:
       return
     same_host = holder.get("host") == socket.gethostname()
-    if same_host and _alive(int(holder.get("pid", 0))) and holder.get("pid") != os.getpid():
+    if same_host and process_alive(int(holder.get("pid", 0))) and holder.get("pid") != os.getpid():
       self.__exit__()  # Live but unlocked: a file system without flock. Never share the folder.
       raise WorkdirBusy(self._busy(holder))
     if not same_host:
@@ -104,7 +106,8 @@ def _read_holder(path: Path) -> dict[str, Any]:
     return {}
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+  """Whether a process of this host with that pid runs (one we may not signal counts as alive)."""
   if pid <= 0:
     return False
   try:
@@ -148,8 +151,6 @@ def fingerprint(link, config) -> dict[str, Any]:
 
 def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
   """As the manifest stores them (tuples -> lists, nan -> "nan"), so both sides compare alike."""
-  from cbd_jax.manifest import json_safe
-
   return json.loads(json.dumps(json_safe(fields)))
 
 

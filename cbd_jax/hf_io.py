@@ -26,6 +26,7 @@ from cbd_jax import convert, hf_config
 from cbd_jax.cli import one_line
 from cbd_jax.config import DTYPES, ModelConfig, check_dtype
 from cbd_jax.gguf_io import read_gguf
+from cbd_jax.guards import process_alive
 from cbd_jax.safetensors_io import DAMAGED, CheckpointError, read_safetensors, save_sharded
 
 log = logging.getLogger(__name__)
@@ -300,23 +301,12 @@ def _new_partial(out_dir: Path) -> Path:
   return tmp
 
 
-def _alive(pid: int) -> bool:
-  """Whether a process of this id exists on this host."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def _remove_dead_exports(parent: Path) -> None:
   """Removes hidden partial folders in ``parent`` whose writer (this host) no longer runs."""
   host = socket.gethostname()
   for entry in parent.iterdir():
     m = _PARTIAL.match(entry.name)
-    if m and m["host"] == host and not _alive(int(m["pid"])) and entry.is_dir():
+    if m and m["host"] == host and not process_alive(int(m["pid"])) and entry.is_dir():
       log.warning("removing %s, left by an export that was killed", entry)
       shutil.rmtree(entry, ignore_errors=True)
 

@@ -12,7 +12,6 @@ file whole (write beside, then rename), so a crash never leaves half a manifest.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import jax
 
 from cbd_jax import hf_io
 from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.metrics import json_safe  # noqa: F401  (the manifest's API too)
 
 MANIFEST = "chain.json"
 
@@ -38,17 +38,6 @@ def pending_entry(link) -> dict[str, Any]:
 def running_entry(entry: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
   """The entry of a link whose student now exists (its shape is fixed from here on)."""
   return dict(entry, status="running", config=_clean(config), num_params=num_params(config))
-
-
-def json_safe(obj: Any) -> Any:
-  """``obj`` with non-finite floats written as strings ("nan", "inf"): valid JSON, still read."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return str(obj)
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  return obj
 
 
 def save(workdir: Path, doc: dict[str, Any]) -> None:

@@ -47,6 +47,17 @@ class TokenAverager:
     self.__init__()
 
 
+def json_safe(obj: Any) -> Any:
+  """``obj`` with non-finite floats written as strings ("nan", "inf"): valid JSON, still read."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
 def perplexity(ce: float) -> float:
   """exp(mean cross-entropy), saturating instead of overflowing."""
   return math.exp(min(ce, 50.0))
