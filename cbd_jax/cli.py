@@ -124,7 +124,7 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
   return Path(path).expanduser(), (variant if sep else None)
 
 
-def _load_module(path: Path):
+def load_module(path: Path):
   """Imports a config file as a module; a missing or broken file is one UsageError."""
   if not path.is_file():
     hint = "it is a folder" if path.is_dir() else "no such file"
@@ -145,7 +145,7 @@ def _load_module(path: Path):
 def load_config(spec: str, overrides: Sequence[str] = (), lock: bool = True):
   """Loads "file.py[:variant]", applies "FIELD=VALUE" overrides and returns the ConfigDict."""
   path, variant = split_spec(spec)
-  module = _load_module(path)
+  module = load_module(path)
   try:
     config = module.get_config() if variant is None else module.get_config(variant)
   except (ValueError, KeyError, TypeError) as e:

@@ -25,7 +25,6 @@ copy and pass them: ``--config.data.train='/data/openwebtext/*.parquet'
 budget fields are those of configs/qwen_chain.py, whose link builder this file uses.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections as mlc
@@ -44,11 +43,9 @@ HUB = {name: f"openai-community/{name}" for name in GPT2_SHAPES}
 
 def _qwen_chain():
   """configs/qwen_chain.py, loaded by path (configs are files, not a package)."""
-  path = Path(__file__).with_name("qwen_chain.py")
-  spec = importlib.util.spec_from_file_location("qwen_chain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from cbd_jax.cli import load_module
+
+  return load_module(Path(__file__).with_name("qwen_chain.py"))
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:

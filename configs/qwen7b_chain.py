@@ -11,7 +11,6 @@ per microbatch, one per chip. Everything else (data, evaluation, checkpoints, ov
 ``configs/qwen_chain.py``, whose link builder this file uses.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections as mlc
@@ -21,11 +20,9 @@ VARIANTS = ("", "smoke")
 
 def _qwen_chain():
   """configs/qwen_chain.py, loaded by path (configs are files, not a package)."""
-  path = Path(__file__).with_name("qwen_chain.py")
-  spec = importlib.util.spec_from_file_location("qwen_chain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from cbd_jax.cli import load_module
+
+  return load_module(Path(__file__).with_name("qwen_chain.py"))
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
