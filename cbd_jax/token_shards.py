@@ -141,40 +141,47 @@ def _write_block(ds, num_blocks: int, index: int, encode: Callable, dtype: str,
 def _run_workers(tasks: list[tuple], workers: int, scratch: Path) -> list[int]:
   """``_write_block(*task)`` for every task, in ``workers`` fresh interpreters; the counts.
 
-  Fresh interpreters (``python -m cbd_jax.token_shards JOB``), not fork: the parent may run JAX
-  threads; not multiprocessing's spawn either: it re-runs a caller's unguarded main script.
+  Fresh interpreters (``python -m cbd_jax.token_shards SCRATCH``), not fork: the parent may run
+  JAX threads; not multiprocessing's spawn either: it re-runs a caller's unguarded main script.
+  Each worker claims the next unclaimed block, so none idles while blocks remain.
   """
   root = str(Path(__file__).resolve().parents[1])  # Importable even when not installed.
   path = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p)
   env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)  # One core each.
-  jobs = []
+  (scratch / "tasks.pkl").write_bytes(pickle.dumps([pickle.dumps(t) for t in tasks]))
+  procs = []
   try:
     for w in range(workers):
-      job = scratch / f"job-{w}.pkl"
-      job.write_bytes(pickle.dumps([pickle.dumps(t) for t in tasks[w::workers]]))
-      with open(job.with_suffix(".log"), "wb") as err:
-        cmd = [sys.executable, "-m", "cbd_jax.token_shards", str(job)]
-        jobs.append((job, subprocess.Popen(cmd, env=env, stdout=err, stderr=err)))
-    counts: list[int] = [0] * len(tasks)
-    for w, (job, proc) in enumerate(jobs):
+      with open(scratch / f"worker-{w}.log", "wb") as err:
+        cmd = [sys.executable, "-m", "cbd_jax.token_shards", str(scratch), str(w)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=err, stderr=err))
+    counts: dict[int, int] = {}
+    for w, proc in enumerate(procs):
       if proc.wait() != 0:
-        last = job.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:]
+        last = (scratch / f"worker-{w}.log").read_text(errors="replace").strip().splitlines()
         raise RuntimeError(f"tokenising worker {w} failed (exit {proc.returncode}): "
-                           f"{last[0] if last else 'no output'}")
-      counts[w::workers] = json.loads(job.with_suffix(".json").read_text())
-    return counts
+                           f"{last[-1] if last else 'no output'}")
+      counts.update({int(i): c for i, c in json.loads(
+          (scratch / f"worker-{w}.json").read_text()).items()})
+    return [counts[i] for i in range(len(tasks))]
   finally:
-    for _, proc in jobs:  # On an error or an interrupt, no worker outlives the call.
+    for proc in procs:  # On an error or an interrupt, no worker outlives the call.
       if proc.poll() is None:
         proc.kill()
         proc.wait()
 
 
-def _worker_main(job: str) -> None:
-  """Each task unpickled on its own: a block's memory-mapped text is released after it."""
-  tasks = pickle.loads(Path(job).read_bytes())
-  Path(job).with_suffix(".json").write_text(
-      json.dumps([_write_block(*pickle.loads(t)) for t in tasks]))
+def _worker_main(scratch: Path, worker: int) -> None:
+  """Claims blocks (an exclusive ``claim-i`` file each) until none is left; one task unpickled
+  at a time, so a block's memory-mapped text is released after it."""
+  tasks, counts = pickle.loads((scratch / "tasks.pkl").read_bytes()), {}
+  for i, task in enumerate(tasks):
+    try:
+      os.close(os.open(scratch / f"claim-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+      continue
+    counts[i] = _write_block(*pickle.loads(task))
+  (scratch / f"worker-{worker}.json").write_text(json.dumps(counts))
 
 
 def write_shards(folder: Path, ds, encode: Callable, dtype, workers: int,
@@ -187,7 +194,8 @@ def write_shards(folder: Path, ds, encode: Callable, dtype, workers: int,
   folder.mkdir(parents=True)
   if workers <= 0:  # Auto: one per core, none for a small corpus (a worker costs ~2 s to start).
     workers = min(os.cpu_count() or 1, math.ceil(ds.data.nbytes / _BYTES_PER_WORKER))
-  blocks = max(1, min(len(ds), max(workers, math.ceil(ds.data.nbytes / block_bytes))))
+  least = 2 * workers if workers > 1 else 1  # Claimed as workers free up: balanced.
+  blocks = max(1, min(len(ds), max(least, math.ceil(ds.data.nbytes / block_bytes))))
   names = [f"shard-{i:05d}.bin" for i in range(blocks)]
   args = [(ds, blocks, i, encode, np.dtype(dtype).name, str(folder / n))
           for i, n in enumerate(names)]
@@ -276,4 +284,4 @@ def open_or_build(folder: Path, build: Callable[[Path], object], writer: bool,
 
 
 if __name__ == "__main__":
-  _worker_main(sys.argv[1])
+  _worker_main(Path(sys.argv[1]), int(sys.argv[2]))
