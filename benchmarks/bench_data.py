@@ -18,6 +18,7 @@ Prints a table and writes benchmarks/results/data_scale.json (after every phase)
 import argparse
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -199,11 +200,12 @@ def resume_phase(args, tokenizer, corpus: Path, results: dict) -> None:
   base = {"phase": "resume", "step": args.stream_step, "batch": args.stream_batch,
           "seq_len": args.stream_seq}
   timed = []
-  for step in (0, args.old_resume_steps):  # A fixed cost (buffer fill) plus a cost per step.
+  for step in (0, 0, args.old_resume_steps):  # Warm-up; a fixed cost; plus a cost per step.
     t0 = time.perf_counter()
     OldStreamed(ds(), tokenizer, args.stream_seq, 0, 10_000).batch(step, *shape)
     timed.append(time.perf_counter() - t0)
-  per_step = (timed[1] - timed[0]) / args.old_resume_steps
+  timed = timed[1:]
+  per_step = max(timed[1] - timed[0], 0.0) / args.old_resume_steps
   results["rows"].append(dict(base, method="old: re-read and drop", **loadavg(),
                               timed_steps=args.old_resume_steps, timed_seconds=round(timed[1], 2),
                               step0_seconds=round(timed[0], 2),
@@ -211,6 +213,7 @@ def resume_phase(args, tokenizer, corpus: Path, results: dict) -> None:
                               extrapolated=True))
   save(results)
   state = Path(args.dir) / "stream_state"
+  shutil.rmtree(state, ignore_errors=True)  # Saved positions come from this run only.
   make = lambda: data.StreamedTokens(ds(), tokenizer, args.stream_seq, 0, state_dir=state,  # noqa: E731
                                      source_id=source, snapshot_every=args.snapshot_every)
   first = make()
@@ -262,7 +265,7 @@ def main():
   parser.add_argument("--stream_step", type=int, default=100_000)
   parser.add_argument("--stream_batch", type=int, default=1)
   parser.add_argument("--stream_seq", type=int, default=128)
-  parser.add_argument("--old_resume_steps", type=int, default=1000)
+  parser.add_argument("--old_resume_steps", type=int, default=2000)
   parser.add_argument("--snapshot_every", type=int, default=100)
   parser.add_argument("--phases", default="resume,tokenise")
   args = parser.parse_args()
