@@ -235,8 +235,9 @@ def resume_phase(args, tokenizer, corpus: Path, results: dict) -> None:
 
 
 def save(results: dict) -> None:
-  OUT.parent.mkdir(parents=True, exist_ok=True)
-  OUT.write_text(json.dumps(results, indent=1) + "\n")
+  out = Path(results["out"])
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def table(results: dict) -> str:
@@ -268,6 +269,7 @@ def main():
   parser.add_argument("--old_resume_steps", type=int, default=2000)
   parser.add_argument("--snapshot_every", type=int, default=100)
   parser.add_argument("--phases", default="resume,tokenise")
+  parser.add_argument("--out", default=str(OUT))
   args = parser.parse_args()
   Path(args.dir).mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("HF_DATASETS_CACHE", str(Path(args.dir) / "hf_datasets"))
@@ -279,7 +281,7 @@ def main():
   corpus = build_corpus(Path(args.dir), args.corpus_mb)
   results = {"machine": f"{os.cpu_count()}-core CPU", "command": "python benchmarks/bench_data.py "
              + " ".join(f"--{k}={v}" for k, v in vars(args).items()), "rows": [],
-             "loadavg_start": list(os.getloadavg())}
+             "loadavg_start": list(os.getloadavg()), "out": args.out}
   for phase in args.phases.split(","):
     {"resume": resume_phase, "tokenise": tokenise_phase}[phase](args, tokenizer, corpus, results)
   results["loadavg_end"] = list(os.getloadavg())

@@ -131,7 +131,7 @@ def _stamp(files: Sequence[str]) -> list:
 def load_tokens(source: str, tokenizer, cache_dir: str | os.PathLike, text_field: str = "text",
                 *, process_index: int = 0, shared: bool = True, workers: int = 0,
                 timeout_s: float = 6 * 3600,
-                block_bytes: int = 256 << 20) -> token_shards.TokenShards:
+                block_bytes: int = 64 << 20) -> token_shards.TokenShards:
   """All documents of local ``source`` as one flat token stream, tokenised once into shards.
 
   Process 0 (every process when not ``shared``) tokenises with ``workers`` processes (0: one per
