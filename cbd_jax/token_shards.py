@@ -3,8 +3,9 @@
 A folder ``tokens-v2-<key>/`` holds ``shard-00000.bin, ...`` (raw uint16 or uint32 token ids,
 no header) and ``index.json`` (dtype and each shard's token count). Shard i holds the tokens of
 the i-th contiguous block of documents, so the shards read in order are exactly the token
-stream of a single-process tokenisation. Worker processes tokenise one block each and append to
-their shard file as they go: memory is bounded by a batch of documents, not by the corpus.
+stream of a single-process tokenisation. Worker processes claim blocks as they free up and
+append to each block's shard file as they go: memory is bounded by a block's mapped text and a
+batch of documents, not by the corpus.
 
 ``index.json`` is written last and the folder is renamed into place whole, so its presence is
 the completion marker: on a pod, process 0 builds the folder and the others wait for the marker
