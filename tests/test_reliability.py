@@ -193,8 +193,13 @@ def _works(*prefix) -> bool:
 
 def _export_until_written(child: str, out: Path) -> subprocess.Popen:
   """Starts an export that stops after writing the weights; returns once they are written."""
+  import signal
+
+  # Ctrl-C as at a terminal, even when the suite itself runs in the background (where SIGINT is
+  # ignored and a child would inherit that).
   proc = subprocess.Popen([sys.executable, child, "hang", str(out)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   assert proc.stdout.readline().strip() == "written"
   return proc
 
