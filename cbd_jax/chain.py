@@ -232,12 +232,12 @@ class CachedKDLink(KDLink):
             self.tokenizer()), "data": json.loads(run.config.data.to_json())})
     self.train_step = teacher_cache.make_cached_step(student, optimizer, self.loss, mesh, rules,
                                                      schedule)
-    placed = place_params(run.t_params, tree_shardings(run.t_params, mesh, rules),
-                          jnp.dtype(teacher.dtype))
     topk = teacher_cache.make_topk(teacher, spec["k"], float(link.loss.temperature),
                                    int(link.loss.chunk_size), mesh, rules)
-    self.computed = teacher_cache.fill(self.folder, link_steps(link), self.train_batch, topk,
-                                       placed, mesh, spec["dtype"])
+    self.computed = teacher_cache.fill(
+        self.folder, link_steps(link), self.train_batch, topk, lambda: place_params(
+            run.t_params, tree_shardings(run.t_params, mesh, rules), jnp.dtype(teacher.dtype)),
+        mesh, spec["dtype"])
     sync(f"teacher-cache-{link.name}")
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:

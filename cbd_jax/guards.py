@@ -141,8 +141,7 @@ def fingerprint(link, config) -> dict[str, Any]:
   """{field: value} of what decides the link's result: its own fields, the data, the source's
   tokenizer and the export dtype (mesh, checkpoints, eval and logging may change on resume)."""
   fields = _flatten(link.to_dict())
-  fields.update(_flatten({k: v for k, v in config.data.to_dict().items() if k != "cache_dir"},
-                         "data."))
+  fields.update(_flatten(config.data.to_dict(), "data."))  # Less its cache_dir.
   fields["export_dtype"] = config.get("export_dtype")
   if config.get("source") is not None:
     fields["source.tokenizer"] = config.source.get("tokenizer")

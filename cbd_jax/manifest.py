@@ -20,7 +20,7 @@ import jax
 
 from cbd_jax import hf_io
 from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.metrics import json_safe  # noqa: F401  (the manifest's API too)
+from cbd_jax.metrics import json_safe, write_text_atomic
 
 MANIFEST = "chain.json"
 
@@ -42,12 +42,13 @@ def running_entry(entry: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
 
 def save(workdir: Path, doc: dict[str, Any]) -> None:
   """Replaces the manifest whole (process 0 only); never bare NaN or Infinity in the file."""
-  if jax.process_index() != 0:
-    return
-  path = Path(workdir) / MANIFEST
-  tmp = path.with_name(path.name + f".{os.getpid()}.part")
-  tmp.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-  os.replace(tmp, path)
+  write_json(Path(workdir) / MANIFEST, doc)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+  """A run's JSON record, replaced whole by process 0 (non-finite floats written as strings)."""
+  if jax.process_index() == 0:
+    write_text_atomic(path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
 
 
 def _invalid(path: Path, what: str) -> ValueError:

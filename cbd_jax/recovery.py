@@ -108,13 +108,6 @@ def _paths(config) -> tuple[Path, Path]:
   return workdir, out
 
 
-def _save_json(path: Path, doc: dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(manifest.json_safe(doc), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _prepare_model(config) -> None:
   """Builds the random model of a smoke run (``config.random_init``) when it is missing."""
   path = os.path.expanduser(str(config.model))
@@ -171,17 +164,17 @@ def _train(config, workdir: Path, out: Path, state: dict[str, Any]) -> dict[str,
     entry = dict(state, name=config.name, model=str(config.model), out=str(out),
                  status="running", config=manifest.running_entry({}, s_config)["config"],
                  num_params=num_params(s_config))
-    _save_json(workdir / STATE, entry)
+    manifest.write_json(workdir / STATE, entry)
     return entry
 
   try:
     done = train_link(RecoveryLink(run), dict(state, model=str(config.model)), on_start)
   except guards.Stopped as stop:
-    _save_json(workdir / STATE, stop.entry)
+    manifest.write_json(workdir / STATE, stop.entry)
     raise
-  _save_json(workdir / STATE, done)
+  manifest.write_json(workdir / STATE, done)
   if done["status"] == "done":
     summary = {k: done[k] for k in ("initialised_from", "teacher", "teacher_flops", "tokens",
                                     "steps", "eval", "num_params")}
-    _save_json(out / SUMMARY, dict(summary, loss=dict(config.loss)))
+    manifest.write_json(out / SUMMARY, dict(summary, loss=dict(config.loss)))
   return done

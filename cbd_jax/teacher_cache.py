@@ -106,15 +106,17 @@ def check_index(folder: Path, key: dict[str, Any]) -> None:
     path.write_text(json.dumps(key, indent=2) + "\n")
 
 
-def fill(folder: Path, steps: int, batch_fn, topk_fn, teacher_params, mesh, dtype: str) -> int:
+def fill(folder: Path, steps: int, batch_fn, topk_fn, place_teacher, mesh, dtype: str) -> int:
   """Writes the cache files of steps 0..steps-1 that are missing; returns how many it wrote.
 
   ``batch_fn(step)`` gives this process's rows of a batch (the link's own data order);
-  ``topk_fn`` is `make_topk`'s function.
+  ``topk_fn`` is `make_topk`'s function; ``place_teacher()`` puts the teacher's params on the
+  mesh, called only when a step is missing.
   """
   todo = [s for s in range(steps) if not _file(folder, s).exists()]
   if not todo:
     return 0
+  teacher_params = place_teacher()
   log.info("teacher cache %s: running the teacher over %d of %d steps", folder, len(todo), steps)
   start, store = time.time(), np.dtype(jnp.dtype(dtype))
   for n, step in enumerate(todo, 1):
