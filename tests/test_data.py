@@ -3,6 +3,9 @@ shards built once in parallel and shared; streamed sources resumed from saved po
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 
 import ml_collections
@@ -90,6 +93,28 @@ def test_a_reader_without_a_writer_fails_early(tmp_path):
   os.utime(marker, (1, 1))  # A writer that stopped long ago.
   with pytest.raises(TimeoutError, match="building: not refreshed .* delete"):
     token_shards.open_or_build(folder, None, **wait)
+
+
+def test_a_killed_writers_partial_folder_is_removed_by_the_next_writer(tmp_path):
+  folder = tmp_path / "tokens-v2-x"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  host = socket.gethostname()
+  left = tmp_path / f".{folder.name}.{host}.{dead.pid}.part"      # A writer killed mid-build.
+  live = tmp_path / f".{folder.name}.{host}.{os.getppid()}.part"  # One still building.
+  for part in (left, live):
+    (part / "shard").mkdir(parents=True)
+
+  def build(tmp):  # One shard of five tokens, as write_shards lays it out.
+    tmp.mkdir()
+    np.arange(5, dtype=np.uint16).tofile(tmp / "shard-00000.bin")
+    (tmp / token_shards.INDEX).write_text(json.dumps(
+        {"format": token_shards.FORMAT, "dtype": "uint16", "files": ["shard-00000.bin"],
+         "counts": [5]}))
+
+  shards = token_shards.open_or_build(folder, build, writer=True)
+  assert not left.exists() and live.exists()
+  np.testing.assert_array_equal(np.asarray(shards), np.arange(5))
 
 
 def _old_batch(tokens, seq_len, seed, step, microbatches, batch_size, rows=None):
