@@ -121,10 +121,11 @@ def process_alive(pid: int) -> bool:
 
 # --- config fingerprints ------------------------------------------------------------------------
 
-# Fields that do not change what a link computes: where it runs, how it reports and saves.
-_NOT_TRAINING = {"name", "remat", "cache_dir", "mesh", "sharding_rules", "checkpoint", "eval",
-                 "log", "stop_after", "workdir", "out", "overwrite", "allow_changes",
-                 "random_init", "data"}
+# Fields that do not change what a link computes: where it runs, how it reports and saves, and
+# how much of it is in memory at once (remat, the fused loss's chunk of tokens).
+_NOT_TRAINING = {"name", "remat", "chunk_size", "cache_dir", "mesh", "sharding_rules",
+                 "checkpoint", "eval", "log", "stop_after", "workdir", "out", "overwrite",
+                 "allow_changes", "random_init", "data"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

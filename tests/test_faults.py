@@ -179,7 +179,8 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed_and_then_recor
   workdir = tmp_path / "run"
   config_file = _config_file(tmp_path)
   _run(config_file, workdir, "stop_after=5")
-  changed = ("chain[0].optimizer.lr=0.001", "chain[0].shape.num_layers=2")
+  changed = ("chain[0].optimizer.lr=0.001", "chain[0].shape.num_layers=2",
+             "chain[0].loss.chunk_size=64")  # The loss chunk is speed and memory only.
   with pytest.raises(ValueError) as e:
     _run(config_file, workdir, *changed)
   assert str(e.value) == (
