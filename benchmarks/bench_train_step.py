@@ -14,7 +14,7 @@ bf16 compute with fp32 master weights, one device. Model FLOPs per token are
 halved for causality; N counts the tied output head once); MFU = FLOP/s / peak (989 TFLOP/s
 dense bf16 for H100 and H200). A watchdog makes the script fail rather than hang.
 
-Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>,gpu}.json.
+Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>[_smollm2],gpu}.json.
 """
 
 from __future__ import annotations
@@ -47,17 +47,26 @@ def _args():
   p.add_argument("--timeout", type=int, default=170, help="GPU: watchdog seconds")
   p.add_argument("--vocab", type=int, default=49152,
                  help="CPU: vocabulary size (default: SmolLM2's 49,152)")
+  p.add_argument("--shape", choices=("small", "smollm2"), default="small",
+                 help="CPU: 'small' (teacher 6 x 384, student 4 x 256, 8 x 128 tokens) or "
+                      "'smollm2' (SmolLM2-135M-shaped teacher 30 x 576, student 12 x 384, "
+                      "4 x 256 tokens, loss chunk 1,024)")
   p.add_argument("--chunk", type=int, default=None,
                  help="fused-loss chunk in tokens (default: 128 on CPU, 4096 on GPU)")
   return p.parse_args()
 
 
-def cpu_shapes(vocab: int = 49152):
+def cpu_shapes(vocab: int = 49152, shape: str = "small"):
   from cbd_jax.config import ModelConfig
 
   teacher = ModelConfig(family="qwen2", vocab_size=vocab, hidden_size=384, num_layers=6,
                         num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=1024,
                         tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6)
+  if shape == "smollm2":  # SmolLM2-135M's shape as the teacher, a 12-layer student.
+    teacher = teacher.replace(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                              intermediate_size=1536, rope_theta=1e5, norm_eps=1e-5)
+    return teacher.replace(hidden_size=384, num_layers=12, num_heads=6, num_kv_heads=2,
+                           intermediate_size=1024), teacher
   student = teacher.replace(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=768)
   return student, teacher
 
@@ -191,11 +200,13 @@ def cpu_main(args):
   import torch
 
   torch.set_num_threads(os.cpu_count() or 1)
-  student, teacher = cpu_shapes(args.vocab)
-  batch, micro, seq = args.batch or 8, args.microbatches or 1, args.seq or 128
+  student, teacher = cpu_shapes(args.vocab, args.shape)
+  big = args.shape == "smollm2"
+  batch, micro = args.batch or (4 if big else 8), args.microbatches or 1
+  seq, chunk = args.seq or (256 if big else 128), args.chunk or (1024 if big else 128)
   steps = args.steps or 2
   tokens = batch * micro * seq
-  ours, ours_box = _ours(student, teacher, batch, micro, seq, args.chunk or 128)
+  ours, ours_box = _ours(student, teacher, batch, micro, seq, chunk)
   theirs, theirs_box = _torch(student, teacher, batch, micro, seq)
   compile_s = ours(1)
   theirs(1)
@@ -210,7 +221,8 @@ def cpu_main(args):
                                 f"{os.cpu_count()} cores", "jax": jax.__version__,
       "torch": torch.__version__, "student": student.to_dict(), "teacher": teacher.to_dict(),
       "batch": batch, "microbatches": micro, "seq_len": seq, "tokens_per_step": tokens,
-      "chunk_size": args.chunk or 128, "steps_per_round": steps, "rounds": args.rounds,
+      "shape": args.shape, "chunk_size": chunk, "load_avg": os.getloadavg(),
+      "steps_per_round": steps, "rounds": args.rounds,
       "first_step_s (ours, compile)": compile_s,
       "step_s": med, "step_s_all": times,
       "tokens_per_s": {k: tokens / v for k, v in med.items()},
@@ -225,7 +237,8 @@ def cpu_main(args):
     print(f"{k:10s} {med[k]:10.3f} {tokens / med[k]:10.0f}")
   print(f"ratio (ours / pytorch tokens/s): {result['speedup_ours_over_pytorch']:.2f}x "
         "(target >= 1.5x)")
-  _write(f"train_step_cpu_v{student.vocab_size}.json", result)
+  suffix = "_smollm2" if big else ""
+  _write(f"train_step_cpu_v{student.vocab_size}{suffix}.json", result)
 
 
 def _flops_per_token(student, teacher, seq: int) -> float:
