@@ -45,7 +45,7 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       shape=dict(shape, head_dim=64),
       shrink="importance",             # Keep the channels / neurons / heads of largest norm.
       steps=0, tokens=tokens,
-      # chunk_size: tokens per fused head-and-loss chunk; 256 runs this chain ~1.8x faster on
+      # chunk_size: tokens per fused head-and-loss chunk; 256 runs this chain ~1.9x faster on
       # CPU than 2,048 (benchmarks/RESULTS.md); on a GPU use 4,096 or more.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=256,
                 # Hidden-state distillation, off (see cbd_jax.hidden_bridge); turn it on with
