@@ -2,6 +2,7 @@ r"""Throughput of the distillation train step.
 
   python benchmarks/bench_train_step.py          # CPU: ours vs a plain PyTorch transformers loop
   python benchmarks/bench_train_step.py --gpu    # GPU: 0.5B-shaped student, 1.5B teacher, MFU
+  python benchmarks/bench_train_step.py --gpu --link 1.5b --remat   # 1.5B student, 7B teacher
 
 CPU mode: the same teacher and student shapes (Qwen2 architecture, random weights), batch, data
 and fp32 numerics on this machine, both steps = teacher forward + student forward/backward with a
@@ -14,7 +15,7 @@ bf16 compute with fp32 master weights, one device. Model FLOPs per token are
 halved for causality; N counts the tied output head once); MFU = FLOP/s / peak (989 TFLOP/s
 dense bf16 for H100 and H200). A watchdog makes the script fail rather than hang.
 
-Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>[_smollm2],gpu}.json.
+Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>[_smollm2],gpu[_7b]}.json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _args():
   p.add_argument("--steps", type=int, default=None, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds")
   p.add_argument("--remat", action="store_true", help="GPU: rematerialise the student's layers")
+  p.add_argument("--link", choices=("0.5b", "1.5b"), default="0.5b",
+                 help="GPU: student Qwen2.5-0.5B from a 1.5B teacher, or 1.5B from a 7B teacher")
   p.add_argument("--timeout", type=int, default=170, help="GPU: watchdog seconds")
   p.add_argument("--vocab", type=int, default=49152,
                  help="CPU: vocabulary size (default: SmolLM2's 49,152)")
@@ -71,16 +74,21 @@ def cpu_shapes(vocab: int = 49152, shape: str = "small"):
   return student, teacher
 
 
-def gpu_shapes():
+def gpu_shapes(link: str = "0.5b"):
+  """(student, teacher): Qwen2.5-0.5B from 1.5B ("0.5b") or Qwen2.5-1.5B from 7B ("1.5b")."""
   from cbd_jax.config import ModelConfig
 
-  student = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
-                        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
-                        intermediate_size=4864, tie_embeddings=True, rope_theta=1e6,
-                        norm_eps=1e-6, max_position_embeddings=32768)
-  teacher = student.replace(hidden_size=1536, num_layers=28, num_heads=12, head_dim=128,
-                            intermediate_size=8960)
-  return student, teacher
+  small = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
+                      hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                      intermediate_size=4864, tie_embeddings=True, rope_theta=1e6,
+                      norm_eps=1e-6, max_position_embeddings=32768)
+  mid = small.replace(hidden_size=1536, num_layers=28, num_heads=12, head_dim=128,
+                      intermediate_size=8960)
+  if link == "0.5b":
+    return small, mid
+  big = mid.replace(vocab_size=152064, hidden_size=3584, num_heads=28, num_kv_heads=4,
+                    intermediate_size=18944, tie_embeddings=False)  # Qwen2.5-7B: untied head.
+  return mid, big
 
 
 def _random_params(config, seed: int, shardings=None, dtype=None):
@@ -262,7 +270,8 @@ def gpu_main(args):
   device = jax.devices()[0]
   kind = device.device_kind
   peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-  student, teacher = gpu_shapes()
+  student, teacher = gpu_shapes(args.link)
+  names = ("0.5B", "1.5B") if args.link == "0.5b" else ("1.5B", "7B")
   student = student.replace(dtype="bfloat16", remat=args.remat)
   teacher = teacher.replace(dtype="bfloat16")
   batch, micro, seq = args.batch or 8, args.microbatches or 2, args.seq or 2048
@@ -278,7 +287,8 @@ def gpu_main(args):
   stats = device.memory_stats() or {}
   result = {
       "mode": "gpu", "device": kind, "devices": jax.device_count(), "jax": jax.__version__,
-      "student": "Qwen2.5-0.5B shape", "teacher": "Qwen2.5-1.5B shape", "dtype": "bfloat16",
+      "student": f"Qwen2.5-{names[0]} shape", "teacher": f"Qwen2.5-{names[1]} shape",
+      "dtype": "bfloat16",
       "remat": args.remat, "batch": batch, "microbatches": micro, "seq_len": seq,
       "tokens_per_step": tokens, "setup_s": setup_s, "first_step_s (compile)": compile_s,
       "step_s": step_s, "tokens_per_s": tokens / step_s, "model_tflops_per_s": flops / 1e12,
@@ -287,13 +297,14 @@ def gpu_main(args):
       "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": box["loss"],
   }
   signal.alarm(0)
-  print(f"\ndistillation step on {kind}: student Qwen2.5-0.5B shape, teacher Qwen2.5-1.5B "
-        f"shape, bf16, {batch}x{seq} tokens x {micro} microbatches, remat={args.remat}")
+  print(f"\ndistillation step on {kind}: student Qwen2.5-{names[0]} shape, teacher "
+        f"Qwen2.5-{names[1]} shape, bf16, {batch}x{seq} tokens x {micro} microbatches, "
+        f"remat={args.remat}")
   for key in ("first_step_s (compile)", "step_s", "tokens_per_s", "model_tflops_per_s", "mfu",
               "peak_memory_gib", "loss"):
     value = result[key]
     print(f"{key:24s} {value:12.4f}" if isinstance(value, float) else f"{key:24s} {value}")
-  _write("train_step_gpu.json", result)
+  _write("train_step_gpu.json" if args.link == "0.5b" else "train_step_gpu_7b.json", result)
 
 
 def _write(name: str, result: dict) -> None:

@@ -25,7 +25,10 @@ for part in $PARTS; do
               tests/test_model.py -k "logits_match or bf16" ;;
     train_step) run train_step 200 python3 benchmarks/bench_train_step.py --gpu --batch 16 \
                   --microbatches 1 --chunk 8192
-                cp benchmarks/results/train_step_gpu.json "$OUT/" ;;
+                cp benchmarks/results/train_step_gpu.json "$OUT/"
+                run train_step_7b 240 python3 benchmarks/bench_train_step.py --gpu --link 1.5b \
+                  --batch 8 --microbatches 1 --remat --chunk 8192 --timeout 230
+                cp benchmarks/results/train_step_gpu_7b.json "$OUT/" ;;
     # The naive baseline's [tokens, 151936] fp32 logits (and their copies) bound the token count.
     fused_loss) run fused_loss 150 python3 benchmarks/bench_fused_loss.py --tokens 16384 \
                   --chunk-size 1024 --dtype bfloat16 --repeats 3 --out "$OUT/fused_loss_gpu.json" ;;
