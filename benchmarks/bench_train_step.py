@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+GPU_LINKS = {"0.5b": ("0.5B", "1.5B"), "1.5b": ("1.5B", "7B")}  # --link: (student, teacher)
 
 
 def _args():
@@ -45,7 +46,7 @@ def _args():
   p.add_argument("--steps", type=int, default=None, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds")
   p.add_argument("--remat", action="store_true", help="GPU: rematerialise the student's layers")
-  p.add_argument("--link", choices=("0.5b", "1.5b"), default="0.5b",
+  p.add_argument("--link", choices=tuple(GPU_LINKS), default="0.5b",
                  help="GPU: student Qwen2.5-0.5B from a 1.5B teacher, or 1.5B from a 7B teacher")
   p.add_argument("--timeout", type=int, default=170, help="GPU: watchdog seconds")
   p.add_argument("--vocab", type=int, default=49152,
@@ -271,7 +272,7 @@ def gpu_main(args):
   kind = device.device_kind
   peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
   student, teacher = gpu_shapes(args.link)
-  names = ("0.5B", "1.5B") if args.link == "0.5b" else ("1.5B", "7B")
+  names = GPU_LINKS[args.link]
   student = student.replace(dtype="bfloat16", remat=args.remat)
   teacher = teacher.replace(dtype="bfloat16")
   batch, micro, seq = args.batch or 8, args.microbatches or 2, args.seq or 2048

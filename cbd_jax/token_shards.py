@@ -239,11 +239,16 @@ def _marker(folder: Path) -> Path:
   return folder.with_name(f"{folder.name}.building")
 
 
+def _part_prefix(folder: Path) -> str:
+  """The name of this host's hidden build folders of ``folder`` up to the writer's pid."""
+  return f".{folder.name}.{socket.gethostname()}."
+
+
 def _drop_dead_parts(folder: Path) -> None:
   """Removes the hidden build folders that killed writers of this host left beside ``folder``."""
   from cbd_jax.guards import process_alive  # Here: the tokeniser workers need not import jax.
 
-  prefix = f".{folder.name}.{socket.gethostname()}."
+  prefix = _part_prefix(folder)
   for part in folder.parent.glob(f"{prefix}*.part"):
     pid = part.name[len(prefix):-len(".part")]
     if pid.isdigit() and not process_alive(int(pid)):
@@ -252,7 +257,7 @@ def _drop_dead_parts(folder: Path) -> None:
 
 def _build_with_heartbeat(folder: Path, build: Callable[[Path], object], beat_s: float) -> None:
   """``build`` into a hidden sibling renamed into place; the marker is refreshed meanwhile."""
-  tmp = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.part")
+  tmp = folder.with_name(f"{_part_prefix(folder)}{os.getpid()}.part")
   _drop_dead_parts(folder)
   marker, done = _marker(folder), threading.Event()
   marker.parent.mkdir(parents=True, exist_ok=True)
