@@ -145,7 +145,9 @@ def _time_worker(args) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(compiled[v](*inputs))
       times[v].append(time.perf_counter() - t0)
-  return {v: {"times_s": t, "median_s": statistics.median(t)} for v, t in times.items()}
+  dev = jax.devices()[0]
+  return {v: {"device": f"{dev.platform}: {dev.device_kind}", "times_s": t,
+              "median_s": statistics.median(t)} for v, t in times.items()}
 
 
 def _run_worker(worker: str, argv: list[str]) -> dict:
@@ -208,7 +210,8 @@ def main(argv=None):
     print(f"  targets: memory <= 0.125 ({mem_text}), time <= 1.3 ({verdict(ratio['time'] <= 1.3)})")
   config = {k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items()
             if k != "worker"}
-  result = {"config": config, "device": device, "variants": rows, "ratios": ratios}
+  result = {"config": config, "device": device, "load_avg_after": os.getloadavg(),
+            "variants": rows, "ratios": ratios}
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {args.out}")

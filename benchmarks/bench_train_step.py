@@ -7,7 +7,12 @@ r"""Throughput of the distillation train step.
 CPU mode: the same teacher and student shapes (Qwen2 architecture, random weights), batch, data
 and fp32 numerics on this machine, both steps = teacher forward + student forward/backward with a
 forward-KL loss + AdamW; rounds alternate between the two and the median step time of each is
-reported, with the ratio ours / PyTorch in tokens/s.
+reported, with the ratio ours / PyTorch in tokens/s. It also measures the step's matmul floor:
+every matmul the step must do (each linear's forward, and for the student its input and weight
+gradients; attention's batched products; the output heads), timed alone with both JAX and PyTorch
+on this machine, the faster counted. The floor is the time of those matmuls alone, with nothing
+else costing anything, so PyTorch's step time / floor is the highest ratio any implementation of
+the same fp32 arithmetic can reach here (`--no-floor` skips it).
 
 GPU mode: a Qwen2.5-0.5B-shaped student and a Qwen2.5-1.5B-shaped teacher (random weights),
 bf16 compute with fp32 master weights, one device. Model FLOPs per token are
@@ -21,6 +26,7 @@ Both print a table and write benchmarks/results/train_step_{cpu_v<vocab>[_smollm
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -55,6 +61,8 @@ def _args():
                  help="CPU: 'small' (teacher 6 x 384, student 4 x 256, 8 x 128 tokens) or "
                       "'smollm2' (SmolLM2-135M-shaped teacher 30 x 576, student 12 x 384, "
                       "4 x 256 tokens, loss chunk 1,024)")
+  p.add_argument("--no-floor", dest="floor", action="store_false",
+                 help="CPU: skip timing the step's matmuls alone (the floor, ~1-2 min)")
   p.add_argument("--chunk", type=int, default=None,
                  help="fused-loss chunk in tokens (default: 128 on CPU, 4096 on GPU)")
   return p.parse_args()
@@ -204,6 +212,91 @@ def _torch(student, teacher, batch, micro, seq, lr=1e-4):
   return run, box
 
 
+def step_matmuls(student, teacher, batch: int, seq: int) -> list[tuple]:
+  """Every matmul of one KD step: (what, count, batch, m, k, n, form) per distinct product.
+
+  form "nt": [m, k] x [n, k]^T (a linear's forward, weights [out, in]); "nn": [m, k] x [k, n]
+  (input gradient); "tn": [k, m]^T x [k, n] (weight gradient, contracting the tokens). The
+  teacher runs forward only; the student forward and both gradients (the first layer's input
+  gradient included: the tied embedding trains). Attention is counted in full, not halved for
+  causality (both sides compute it so on CPU).
+  """
+  tokens, out = batch * seq, []
+  for who, c, train in (("teacher", teacher, False), ("student", student, True)):
+    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    linears = {"q": (d, c.num_heads * hd), "kv": (d, c.num_kv_heads * hd),
+               "o": (c.num_heads * hd, d), "gate/up": (d, f), "down": (f, d)}
+    per_layer = {"q": 1, "kv": 2, "o": 1, "gate/up": 2, "down": 1}
+    for name, (k_in, n_out) in linears.items():
+      count = per_layer[name] * c.num_layers
+      out.append((f"{who} {name}", count, 1, tokens, k_in, n_out, "nt"))
+      if train:
+        out.append((f"{who} {name} dx", count, 1, tokens, n_out, k_in, "nn"))
+        out.append((f"{who} {name} dw", count, 1, n_out, tokens, k_in, "tn"))
+    heads = batch * c.num_heads
+    # Forward: Q K^T and P V; backward: dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q.
+    out.append((f"{who} attn qk", c.num_layers, heads, seq, hd, seq, "nt"))
+    out.append((f"{who} attn pv", c.num_layers, heads, seq, seq, hd, "nn"))
+    if train:
+      out.append((f"{who} attn dp", c.num_layers, heads, seq, hd, seq, "nt"))
+      out.append((f"{who} attn dv/dk", 2 * c.num_layers, heads, seq, seq, hd, "tn"))
+      out.append((f"{who} attn dq", c.num_layers, heads, seq, seq, hd, "nn"))
+    out.append((f"{who} head", 1, 1, tokens, d, c.vocab_size, "nt"))
+    if train:
+      out.append((f"{who} head dx", 1, 1, tokens, c.vocab_size, d, "nn"))
+      out.append((f"{who} head dw", 1, 1, c.vocab_size, tokens, d, "tn"))
+  return out
+
+
+def matmul_floor(student, teacher, batch: int, seq: int, reps: int = 3) -> dict:
+  """Times each distinct matmul of the step alone (JAX and PyTorch, best of ``reps``)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  def operands(b, m, k, n, form):
+    a = (k, m) if form == "tn" else (m, k)
+    w = (n, k) if form == "nt" else (k, n)
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((b, *s), np.float32) for s in (a, w)]
+
+  specs = {"nt": "bmk,bnk->bmn", "nn": "bmk,bkn->bmn", "tn": "bkm,bkn->bmn"}
+
+  def best(fn, *args):
+    fn(*args)
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      fn(*args)
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  def on_jax(x, y, f):
+    f(x, y).block_until_ready()
+
+  def on_torch(x, y, form):  # Transposed views: BLAS reads them in place, as autograd does.
+    torch.bmm(x.transpose(1, 2) if form == "tn" else x, y.transpose(1, 2) if form == "nt" else y)
+
+  rows, seen = [], {}
+  for what, count, b, m, k, n, form in step_matmuls(student, teacher, batch, seq):
+    key = (b, m, k, n, form)
+    if key not in seen:
+      x, y = operands(*key)
+      f = jax.jit(functools.partial(jnp.einsum, specs[form]))
+      seen[key] = (best(on_jax, jnp.asarray(x), jnp.asarray(y), f),
+                   best(on_torch, torch.from_numpy(x), torch.from_numpy(y), form))
+    t_jax, t_torch = seen[key]
+    flop = 2 * b * m * k * n
+    rows.append({"what": what, "count": count, "shape": f"{b}x[{m}x{k}]x[{k}x{n}] {form}",
+                 "flop": flop, "jax_s": t_jax, "torch_s": t_torch,
+                 "gflop_per_s": flop / min(t_jax, t_torch) / 1e9})
+  total = {name: sum(r["count"] * r[name] for r in rows) for name in ("flop", "jax_s", "torch_s")}
+  floor = sum(r["count"] * min(r["jax_s"], r["torch_s"]) for r in rows)
+  return {"floor_s": floor, "flop": total["flop"], "jax_only_s": total["jax_s"],
+          "torch_only_s": total["torch_s"], "matmuls": rows}
+
+
 def cpu_main(args):
   import jax
   import torch
@@ -225,6 +318,7 @@ def cpu_main(args):
     for name, run in order if r % 2 == 0 else order[::-1]:
       times[name].append(run(steps) / steps)
   med = {k: statistics.median(v) for k, v in times.items()}
+  floor = matmul_floor(student, teacher, batch * micro, seq) if args.floor else None
   result = {
       "mode": "cpu", "machine": f"{platform.processor() or platform.machine()}, "
                                 f"{os.cpu_count()} cores", "jax": jax.__version__,
@@ -237,6 +331,7 @@ def cpu_main(args):
       "tokens_per_s": {k: tokens / v for k, v in med.items()},
       "speedup_ours_over_pytorch": med["pytorch"] / med["ours"],
       "final_loss": {"ours": ours_box["loss"], "pytorch": theirs_box["loss"]},
+      "matmul_floor": floor,
   }
   print(f"\ndistillation step, fp32, CPU ({result['machine']}): teacher {teacher.num_layers}x"
         f"{teacher.hidden_size}, student {student.num_layers}x{student.hidden_size}, vocab "
@@ -246,6 +341,13 @@ def cpu_main(args):
     print(f"{k:10s} {med[k]:10.3f} {tokens / med[k]:10.0f}")
   print(f"ratio (ours / pytorch tokens/s): {result['speedup_ours_over_pytorch']:.2f}x "
         "(target >= 1.5x)")
+  if floor:
+    print(f"\nthe step's matmuls alone ({floor['flop'] / 1e9:.0f} GFLOP), each timed on its own, "
+          f"the faster of JAX and PyTorch: {floor['floor_s']:.3f} s (JAX alone "
+          f"{floor['jax_only_s']:.3f} s, PyTorch alone {floor['torch_only_s']:.3f} s)")
+    print(f"highest possible ratio (PyTorch's step / that floor): "
+          f"{med['pytorch'] / floor['floor_s']:.2f}x; ours spends "
+          f"{100 * floor['floor_s'] / med['ours']:.0f}% of its step at the floor")
   suffix = "_smollm2" if big else ""
   _write(f"train_step_cpu_v{student.vocab_size}{suffix}.json", result)
 
