@@ -41,7 +41,7 @@ pipeline: setup
 # The linter runs first: a lint error fails the test target (and CI) before any test runs.
 test: lint
 	$(PY) launch/fetch_assets.py
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: setup
 	$(VENV)/bin/ruff check cbd_jax launch configs tests benchmarks

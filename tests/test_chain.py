@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from launch_env import user_env
 
 from cbd_jax import chain, hf_io, manifest, model, target
 
@@ -25,7 +26,7 @@ def smoke(tmp_path_factory):
   cmd = [sys.executable, "launch/train_chain.py", "--config=configs/qwen_chain.py:smoke",
          f"--config.workdir={workdir}"]
   start = time.time()
-  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  env = user_env()
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   print(f"smoke chain: {time.time() - start:.1f} s")
   assert result.returncode == 0, result.stderr[-3000:]

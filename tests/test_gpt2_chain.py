@@ -3,13 +3,13 @@ and its smoke variant end to end: chain, anchors in transformers, a target betwe
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launch_env import user_env
 
 from cbd_jax import sizing
 from cbd_jax.config import ModelConfig, num_params
@@ -53,7 +53,7 @@ def test_chain_is_the_papers_public_checkpoints():
 def smoke(tmp_path_factory):
   """`python launch/train_chain.py --config=configs/gpt2_chain.py:smoke`, as a user runs it."""
   workdir = tmp_path_factory.mktemp("gpt2_smoke") / "run"
-  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env = user_env(JAX_PLATFORMS="cpu")
   start = time.time()
   result = subprocess.run([sys.executable, "launch/train_chain.py",
                            "--config=configs/gpt2_chain.py:smoke", f"--config.workdir={workdir}"],

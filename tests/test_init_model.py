@@ -1,7 +1,6 @@
 """launch/init_model.py end to end on tiny anchors: a folder transformers loads, clear failures."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers
+from launch_env import user_env
 from random_params import random_params
 
 from cbd_jax import hf_io, model, resize, sizing, target
@@ -50,7 +50,7 @@ def anchors(tmp_path_factory):
 
 
 def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+  env = user_env(JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "launch" / "init_model.py"), *args],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 

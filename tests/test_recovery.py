@@ -1,7 +1,6 @@
 """Recovery training: launch/train_target.py on a tiny model, the KD mix, resume, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_env import user_env
 
 from cbd_jax import assets, heldout, hf_io, metrics, recovery
 from cbd_jax.config import num_params
@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
   cmd = [sys.executable, "launch/train_target.py", "--config=configs/recovery.py:smoke",
          f"--config.model={model}", f"--config.workdir={workdir}"]
   start = time.time()
-  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  env = user_env()
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   print(f"recovery smoke: {time.time() - start:.1f} s")
   assert result.returncode == 0, result.stderr[-3000:]
