@@ -68,6 +68,9 @@ class GGUFTensors(Mapping):
       w = _unpermute(w, self._n_kv)
     return w
 
+  def __contains__(self, name) -> bool:  # Mapping's default would dequantise the tensor.
+    return name in self._tensors
+
   def __iter__(self) -> Iterator[str]:
     return iter(self._tensors)
 
