@@ -65,7 +65,7 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
   m = depth_counterparts(small_cfg, small_params, large_cfg, large_params)
   if n_target <= n_small:  # Evenly spaced small layers and their counterparts.
     keep = resize.depth_map(n_small, n_target, depth).src[:, 0]
-    return resize._one_hot_map(keep), resize._one_hot_map(m[keep])
+    return resize.one_hot_map(keep), resize.one_hot_map(m[keep])
   extra = n_target - n_small
   free = np.setdiff1d(np.arange(n_large), m)
   if large_layers is not None:
@@ -88,15 +88,15 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
   before = np.maximum.accumulate(np.where(is_new, -1, np.arange(n_target)))
   copied = np.where(before >= 0, small_src[np.maximum(before, 0)], 0)  # The small layer before.
   if depth == "zero":
-    small_map = resize._one_hot_map(small_src)
+    small_map = resize.one_hot_map(small_src)
   elif depth == "identity":
-    small_map = resize._one_hot_map(copied, w_split=np.where(is_new, 0.0, 1.0))
+    small_map = resize.one_hot_map(copied, w_split=np.where(is_new, 0.0, 1.0))
   elif depth == "repeat":
-    small_map = resize._one_hot_map(copied)
+    small_map = resize.one_hot_map(copied)
   else:
     raise resize.ResizeError(f"unknown depth method {depth!r}; use 'zero', 'identity' or "
                              "'repeat'")
-  return small_map, resize._one_hot_map(layers)
+  return small_map, resize.one_hot_map(layers)
 
 
 def depth_counterparts(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
@@ -139,7 +139,7 @@ def _order(matched: np.ndarray, n: int, scores: np.ndarray | None) -> np.ndarray
   return np.concatenate([np.asarray(matched, np.int64), rest]).astype(np.int64)
 
 
-def _permute(config: ModelConfig, flat: dict, kind: str, perm: np.ndarray,
+def permute_units(config: ModelConfig, flat: dict, kind: str, perm: np.ndarray,
              layer: int | None = None) -> None:
   """Reorders the ``kind`` units of every leaf in ``flat`` (of one layer, in place, or of all)."""
   for path, spec in resize.leaf_specs(config).items():
@@ -170,22 +170,22 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
   query heads inside each group (by the weights that read and write them).
 
   Units the small anchor has no counterpart for follow, in source order (``extras="leading"``)
-  or by weight norm (``"importance"``), so a leading Shrink of the result keeps the counterparts
+  or by weight norm (``"weight_norm"``), so a leading Shrink of the result keeps the counterparts
   and then the best of the rest. An axis where the small anchor has more units is left as it is.
   """
-  if extras not in ("leading", "importance"):
-    raise resize.ResizeError(f"unknown shrink method {extras!r}; use 'leading' or 'importance'")
+  if extras not in ("leading", "weight_norm"):
+    raise resize.ResizeError(f"unknown shrink method {extras!r}; use 'leading' or 'weight_norm'")
   resize.check_compatible(small_cfg, large_cfg)
   cs, cl = small_cfg, large_cfg
   fs = resize.check_params(cs, small_params, "small anchor")
   fl = {k: np.array(v) for k, v in resize.check_params(cl, large_params, "large anchor").items()}
-  scored = extras == "importance"
+  scored = extras == "weight_norm"
   d = min(cs.hidden_size, cl.hidden_size)
   if cs.hidden_size <= cl.hidden_size:
     sim = _features([np.asarray(fs["embed/embedding"], np.float32).T],
                     [np.asarray(fl["embed/embedding"], np.float32).T])
     scores = resize.unit_scores(cl, resize.unflatten(fl))["D"] if scored else None
-    _permute(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
+    permute_units(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
   m = depth_counterparts(cs, small_params, cl, resize.unflatten(fl))
   gs, gl = cs.num_heads // cs.num_kv_heads, cl.num_heads // cl.num_kv_heads
   for j, b in enumerate(m):
@@ -193,12 +193,12 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
     scores = resize.unit_scores(cl, resize.unflatten(fl), layer=b) if scored else {}
     if cs.intermediate_size <= cl.intermediate_size:
       matched = assign(_features(small["F"], large["F"]))
-      _permute(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)
+      permute_units(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)
     if cs.num_kv_heads > cl.num_kv_heads or gs > gl:
       continue
     groups = assign(_features(small["K"], large["K"]))
     group_order = _order(groups, cl.num_kv_heads, scores.get("K"))
-    _permute(cl, fl, "K", group_order, b)
+    permute_units(cl, fl, "K", group_order, b)
     head_scores = scores.get("H")
     head_order = []
     for i, g in enumerate(group_order):  # Heads move with their group; inside, counterparts first.
@@ -211,5 +211,5 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
         local = _order(np.zeros(0, np.int64), gl,
                        None if head_scores is None else head_scores[heads_l])
       head_order.append(heads_l[local])
-    _permute(cl, fl, "H", np.concatenate(head_order), b)
+    permute_units(cl, fl, "H", np.concatenate(head_order), b)
   return resize.unflatten(fl)

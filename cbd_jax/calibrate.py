@@ -26,41 +26,6 @@ from cbd_jax import align, heldout, importance, interpolate, model, resize
 from cbd_jax.config import ModelConfig
 
 LAYER_CHOICES = ("even", "influence", "greedy")
-_OUT_LEAVES = ("layers/attn/o/weight", "layers/attn/o/bias", "layers/mlp/down/weight",
-               "layers/mlp/down/bias")
-
-
-def _without_layers(params: dict, dropped) -> dict:
-  """``params`` with the dropped layers' o and down zeroed: those layers become identities."""
-  flat = dict(resize.flatten(params))
-  for path in _OUT_LEAVES:
-    if path in flat and len(dropped):
-      x = np.array(flat[path])
-      x[np.asarray(dropped)] = 0
-      flat[path] = x
-  return resize.unflatten(flat)
-
-
-def greedy_layers(config: ModelConfig, params: dict, keep: np.ndarray, n_target: int,
-                  ids_NxT: np.ndarray, tries: int = 1, scores=None) -> np.ndarray:
-  """Drops layers one at a time (never those in ``keep``): of the ``tries`` layers whose block
-  influence, measured on the model without the layers already dropped, is least, the one whose
-  removal raises the loss on ``ids`` least (``tries=1``: the least influential, no loss).
-  ``scores``: the full model's block influence on ``ids``, when already measured."""
-  kept = np.arange(config.num_layers)
-  while len(kept) > n_target:
-    dropped = np.setdiff1d(np.arange(config.num_layers), kept)
-    if scores is None or len(dropped):
-      scores = importance.block_influence(config, _without_layers(params, dropped), ids_NxT)
-    free = np.setdiff1d(kept, keep)
-    options = free[np.argsort(scores[free], kind="stable")[:tries]]
-    if len(options) > 1:
-      losses = [heldout.mean_nll(config, _without_layers(params, np.append(dropped, b)), ids_NxT)
-                for b in options]
-      options = options[[int(np.argmin(losses))]]
-    kept = np.setdiff1d(kept, options[0])
-  return kept
-
 
 def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[str, np.ndarray]:
   """{choice: the large anchor's layers a ``target``-deep model keeps} for every choice in
@@ -78,7 +43,7 @@ def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[s
   best = free[np.argsort(-scores[free], kind="stable")[:extra]]
   return {"even": np.sort(np.concatenate([m, even])),
           "influence": np.sort(np.concatenate([m, best])),
-          "greedy": greedy_layers(cl, pl, m, n, ids_NxT, scores=scores)}
+          "greedy": importance.greedy_layers(cl, pl, n, ids_NxT, keep=m, scores=scores)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from cbd_jax import (
   hidden_bridge,
   manifest,
   metrics,
-  resize,
+  prune,
   source,
   teacher_cache,
 )
@@ -152,8 +152,11 @@ def evaluate_kd(eval_step, params, teacher_params, batches, mesh) -> dict[str, f
   return out
 
 
-def _start_student(link, teacher: ModelConfig, teacher_params) -> tuple[ModelConfig, Any]:
-  """(config, host params) of a new student: its public checkpoint, or Shrink of the teacher."""
+def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
+                   ) -> tuple[ModelConfig, Any]:
+  """(config, host params) of a new student: its public checkpoint, or Shrink of the teacher
+  (`prune.shrink`, by ``link.shrink`` and ``link.shrink_layers``, calibrated on
+  ``calibration_rows()``: rows of the link's own training text)."""
   if link.get("init"):
     config, params = hf_io.load_hf_numpy(link.init)
     if config.vocab_limit != teacher.vocab_limit:
@@ -161,9 +164,13 @@ def _start_student(link, teacher: ModelConfig, teacher_params) -> tuple[ModelCon
                        f"its teacher {teacher.vocab_limit}; such a link needs a vocabulary bridge")
     return config, params
   target = student_config(link, teacher)
-  log.info("link %s: Shrink of the teacher to %s", link.name,
-           {k: getattr(target, k) for k in SHAPE_FIELDS})
-  params = resize.shrink(teacher, teacher_params, target, method=link.get("shrink", "leading"))
+  method = link.get("shrink") or "activation"
+  layers = link.get("shrink_layers") or "greedy"
+  log.info("link %s: Shrink of the teacher to %s (%s units, %s layers)", link.name,
+           {k: getattr(target, k) for k in SHAPE_FIELDS}, method, layers)
+  rows = calibration_rows() if method == "activation" or layers == "greedy" else None
+  params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
+                           log=lambda line: log.info("link %s: %s", link.name, line))
   return target, jax.tree.map(np.asarray, params)
 
 
@@ -174,7 +181,17 @@ class KDLink(LinkKind):
 
   def new_student(self):
     run = self.run
-    return _start_student(run.link, run.t_config, run.t_params)
+    return _start_student(run.link, run.t_config, run.t_params, self.calibration_rows)
+
+  def calibration_rows(self) -> np.ndarray:
+    """The first ``link.calib_tokens`` tokens of the link's training order, as rows [N, T + 1],
+    the same on every process."""
+    run = self.run
+    if not hasattr(self, "train"):
+      self.make_data()
+    tokens = int(run.link.get("calib_tokens") or 2048)
+    return data.calibration_rows(self.train, run.link, tokens, jax.process_index(),
+                                 jax.process_count())
 
   @functools.cached_property
   def _tokenizer(self):
@@ -187,7 +204,8 @@ class KDLink(LinkKind):
     self.loss = LossSettings(**dict(self.run.link.loss))
     self.train_step, self.eval_step = _make_steps(student, teacher, self.loss, mesh, rules,
                                                   optimizer, schedule)
-    self.make_data()
+    if not hasattr(self, "train"):  # Made already when the student was cut from the teacher.
+      self.make_data()
 
   def make_data(self) -> None:
     """Packed training sequences and held-out batches through the student's tokenizer."""

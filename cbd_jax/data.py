@@ -428,6 +428,25 @@ def make_train_data(data_cfg, tokenizer, seq_len: int, cache_dir: str | os.PathL
   return packed
 
 
+def calibration_rows(train, link, tokens: int, process_index: int = 0,
+                     process_count: int = 1) -> np.ndarray:
+  """Rows [N, T + 1] of the first training batches of ``link`` (``train``: `make_train_data`'s),
+  at least ``tokens`` tokens, gathered from every process so all hold the same rows."""
+  from jax.experimental import multihost_utils
+
+  want = -(-max(1, tokens) // link.seq_len)
+  local, step = [], 0
+  while sum(len(r) for r in local) * process_count < want:
+    b = train.batch(step, link.microbatches, link.batch_size, process_index, process_count)
+    rows = np.concatenate([b["ids"], b["labels"][..., -1:]], axis=-1)
+    local.append(rows.reshape(-1, link.seq_len + 1))
+    step += 1
+  rows = np.concatenate(local)
+  if process_count > 1:
+    rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, rows.shape[-1])
+  return rows[:want]
+
+
 def heldout_size(num_sequences: int, fraction: float) -> int:
   """Sequences kept back from the end of the training text: max(1, fraction * N)."""
   return max(1, int(num_sequences * fraction))

@@ -66,9 +66,10 @@ class Norm(nn.Module):
     if self.layer_norm:
       bias = self.param("bias", nn.initializers.zeros, (dim,))
       x32 = x32 - x32.mean(-1, keepdims=True)
-      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
-      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
     y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+    self.sow("intermediates", "normalized", y)  # Before the scale; kept only when asked.
+    if self.layer_norm:
+      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
     # Hugging Face order: normalise in fp32, cast back, then scale in the input dtype.
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
@@ -175,6 +176,7 @@ class Attention(nn.Module):
       out_BxTxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
                                                  scale=scale, implementation=impl)
     out_BxTxHxK = constrain_batch(out_BxTxHxK)
+    self.sow("intermediates", "heads", out_BxTxHxK)  # Kept only when asked (`importance`).
     return Linear((c.hidden_size,), 2, c.out_bias, dt, name="o")(out_BxTxHxK), kv
 
 
@@ -191,6 +193,7 @@ class Mlp(nn.Module):
     else:
       h = jax.nn.gelu(Linear((f,), 1, True, dt, name="up")(x), approximate=True)
     h = constrain_batch(h)
+    self.sow("intermediates", "neurons", h)
     return Linear((c.hidden_size,), 1, c.is_gpt2, dt, name="down")(h)
 
 
@@ -249,7 +252,8 @@ class Decoder(nn.Module):
               | (key_pos[None, :] == query_pos[:, None]))
     kv = None if cache is None else (cache["k"], cache["v"])
     block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                      length=c.num_layers)
     embedded = x

@@ -55,7 +55,7 @@ class AxisMap:
     return self.src.shape[0]
 
 
-def _one_hot_map(src, w_split=None, w_copy=None) -> AxisMap:
+def one_hot_map(src, w_split=None, w_copy=None) -> AxisMap:
   """An AxisMap where each target unit comes from one source unit (or none, for -1)."""
   src = np.asarray(src, np.int64).reshape(-1, 1)
   filled = (src >= 0).astype(np.float64)
@@ -204,7 +204,7 @@ def apply_maps(config: ModelConfig, params: Params, target: ModelConfig,
   for kind in ("V", "P", "hd"):
     if kind not in maps:
       n_src = axis_sizes(config)[kind]
-      maps[kind] = _one_hot_map([i if i < n_src else -1 for i in range(sizes[kind])])
+      maps[kind] = one_hot_map([i if i < n_src else -1 for i in range(sizes[kind])])
   out = {}
   for path, spec in leaf_specs(target).items():
     x = flat[path]
@@ -261,12 +261,12 @@ def width_map(n_src: int, n_tgt: int, fill: str, scores=None) -> AxisMap:
   """Keeps n_tgt of n_src units (by score or leading), or pads with zeros / Net2Net copies."""
   order = _priority(n_src, scores, n_tgt)
   if n_tgt <= n_src:
-    return _one_hot_map(order[:n_tgt])
+    return one_hot_map(order[:n_tgt])
   extra = n_tgt - n_src
   if fill == "zero":
-    return _one_hot_map(order + [-1] * extra)
+    return one_hot_map(order + [-1] * extra)
   src = np.array(order + [order[i % n_src] for i in range(extra)])
-  return _one_hot_map(src, w_split=_split_weights(src))
+  return one_hot_map(src, w_split=_split_weights(src))
 
 
 def depth_map(n_src: int, n_tgt: int, depth: str, scores=None) -> AxisMap:
@@ -279,18 +279,18 @@ def depth_map(n_src: int, n_tgt: int, depth: str, scores=None) -> AxisMap:
     else:
       inner = np.argsort(-np.asarray(scores[1:-1]), kind="stable")[:n_tgt - 2] + 1
       keep = sorted([0, n_src - 1, *inner.tolist()])
-    return _one_hot_map(keep)
+    return one_hot_map(keep)
   # Source layer j lands at position round(j (n_tgt - 1) / (n_src - 1)); new layers follow it.
   pos = np.round(np.linspace(0, n_tgt - 1, n_src)).astype(int) if n_src > 1 else np.array([0])
   src = np.searchsorted(pos, np.arange(n_tgt), side="right") - 1
   is_new = np.ones(n_tgt, bool)
   is_new[pos] = False
   if depth == "identity":
-    return _one_hot_map(src, w_split=np.where(is_new, 0.0, 1.0))
+    return one_hot_map(src, w_split=np.where(is_new, 0.0, 1.0))
   if depth == "zero":
-    return _one_hot_map(np.where(is_new, -1, src))
+    return one_hot_map(np.where(is_new, -1, src))
   if depth == "repeat":
-    return _one_hot_map(src)
+    return one_hot_map(src)
   raise ResizeError(f"unknown depth method {depth!r}; use 'identity', 'zero' or 'repeat'")
 
 
@@ -338,7 +338,7 @@ def head_maps(src_cfg: ModelConfig, tgt_cfg: ModelConfig, fill: str, head_scores
     kv_src[j, :len(kv)] = kv
     kv_w[j, :len(kv)] = 1.0 / max(len(kv), 1)
   q_src = np.array(q_src)
-  return (_one_hot_map(q_src, w_split=_split_weights(q_src)),
+  return (one_hot_map(q_src, w_split=_split_weights(q_src)),
           AxisMap(kv_src, kv_w, kv_w))
 
 
@@ -351,25 +351,25 @@ def make_maps(config: ModelConfig, params: Params, target: ModelConfig, select: 
               layer_select="even") -> dict[str, AxisMap]:
   """One AxisMap per kind: shrinking axes select (``select``), growing axes fill (``fill``).
 
-  ``layer_select``: "even" (evenly spaced, first and last kept), "importance" (weight norms of
+  ``layer_select``: "even" (evenly spaced, first and last kept), "weight_norm" (weight norms of
   what each layer writes) or one score per source layer (e.g. `importance.block_influence`).
   """
-  if select not in ("leading", "importance"):
-    raise ResizeError(f"unknown shrink method {select!r}; use 'leading' or 'importance'")
+  if select not in ("leading", "weight_norm"):
+    raise ResizeError(f"unknown shrink method {select!r}; use 'leading' or 'weight_norm'")
   if fill not in ("zero", "net2net"):
     raise ResizeError(f"unknown grow method {fill!r}; use 'zero' or 'net2net'")
   given = None if isinstance(layer_select, str) else np.asarray(layer_select, np.float64)
   if given is not None and given.shape != (config.num_layers,):
     raise ResizeError(f"layer_select scores have shape {given.shape}, the source has "
                       f"{config.num_layers} layers; pass one score per layer")
-  if given is None and layer_select not in ("even", "importance"):
-    raise ResizeError(f"unknown layer selection {layer_select!r}; use 'even', 'importance' or "
+  if given is None and layer_select not in ("even", "weight_norm"):
+    raise ResizeError(f"unknown layer selection {layer_select!r}; use 'even', 'weight_norm' or "
                       "one score per layer")
   scores: dict[str, np.ndarray | None] = dict.fromkeys(("D", "F", "H", "K", "L"))
-  by_norm = given is None and layer_select == "importance"
-  if select == "importance" or by_norm:
+  by_norm = given is None and layer_select == "weight_norm"
+  if select == "weight_norm" or by_norm:
     scores.update(unit_scores(config, params))
-  if select != "importance":
+  if select != "weight_norm":
     scores.update(D=None, F=None, H=None, K=None)
   scores["L"] = given if given is not None else (scores["L"] if by_norm else None)
   c, t = config, target
@@ -409,7 +409,7 @@ def _map_norm_scales(params: Params, fn: Callable) -> Params:
 def shrink(config: ModelConfig, params: Params, target: ModelConfig, method: str = "leading",
            layer_select="even") -> Params:
   """Shrink(theta) to ``target``: keeps evenly spaced layers and the leading (or, with
-  ``method="importance"``, the largest-norm) channels, neurons, kv groups and their heads."""
+  ``method="weight_norm"``, the largest-norm) channels, neurons, kv groups and their heads."""
   return resize(config, params, target, select=method, fill="net2net", layer_select=layer_select)
 
 

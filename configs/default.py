@@ -43,7 +43,9 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       name=name,
       init="",                         # No public checkpoint of these sizes: Shrink.
       shape=dict(shape, head_dim=64),
-      shrink="importance",             # Keep the channels / neurons / heads of largest norm.
+      # Shrink of the teacher (cbd_jax.prune): units ranked by their activations on calib_tokens
+      # of the link's training text, layers dropped by re-measured block influence.
+      shrink="activation", shrink_layers="greedy", calib_tokens=2048,
       steps=0, tokens=tokens,
       # chunk_size: tokens per fused head-and-loss chunk; 256 runs this chain ~1.9x faster on
       # CPU than 2,048 (benchmarks/RESULTS.md); on a GPU use 4,096 or more.

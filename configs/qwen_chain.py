@@ -41,7 +41,7 @@ def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
       name=name,
       init=init,                       # Public checkpoint (hub id / folder); "" = Shrink.
       shape=dict(shape or NO_SHAPE),   # Student shape when started by Shrink (0 = keep).
-      shrink="leading",                # Shrink's selection: "leading" or "importance".
+      shrink="leading",                # Shrink's selection: "activation", "weight_norm", "leading".
       steps=steps, tokens=tokens,      # Budget: tokens when > 0, else steps.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=4096),
       bridge="none",                   # Same tokenizer all along the chain.

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval_tokens", type=int, default=8192,
                  help="tokens of --text to evaluate on")
   p.add_argument("--seq_len", type=int, default=256, help="evaluation sequence length")
-  p.add_argument("--shrink_method", default="leading", choices=("leading", "importance"),
+  p.add_argument("--shrink_method", default="leading", choices=("leading", "weight_norm"),
                  help="units kept from the large anchor beyond the small anchor's counterparts: "
                       "leading ones or largest weight norms (all units when --no_align_units)")
   p.add_argument("--grow_method", default="zero", choices=("zero", "net2net"),

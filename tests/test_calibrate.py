@@ -23,7 +23,7 @@ def _chain(family="llama"):
                       intermediate_size=96)
   small_cfg = _config(family)
   large = random_params(large_cfg, 1)
-  small = resize.shrink(large_cfg, large, small_cfg, method="importance")
+  small = resize.shrink(large_cfg, large, small_cfg, method="weight_norm")
   rng = np.random.default_rng(2)
   small = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype), small)
   return (small_cfg, small), (large_cfg, large)
@@ -147,7 +147,7 @@ def test_greedy_layers_keep_the_counterparts_and_drop_the_least_influential():
   small, large = _chain()
   aligned = (large[0], align.align_units(*small, *large))
   m = align.depth_counterparts(*small, *aligned)
-  layers = calibrate.greedy_layers(*aligned, m, 4, IDS)
+  layers = importance.greedy_layers(*aligned, 4, IDS, keep=m)
   assert len(layers) == 4 and np.isin(m, layers).all() and np.all(np.diff(layers) > 0)
   # A layer whose o and down are zero is an identity: block influence 0, dropped first.
   flat = resize.flatten(aligned[1])
@@ -157,7 +157,7 @@ def test_greedy_layers_keep_the_counterparts_and_drop_the_least_influential():
     flat[path][free[-1]] = 0
   scores = importance.block_influence(large[0], resize.unflatten(flat), IDS)
   assert scores[free[-1]] == pytest.approx(0.0, abs=1e-6) and scores.min() >= -1e-6
-  kept = calibrate.greedy_layers(large[0], resize.unflatten(flat), m, 5, IDS)
+  kept = importance.greedy_layers(large[0], resize.unflatten(flat), 5, IDS, keep=m)
   assert free[-1] not in kept
 
 

@@ -176,12 +176,12 @@ def test_units_of_an_importance_shrunk_anchor_are_aligned_with_their_counterpart
   small_cfg = _config(family, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
                       intermediate_size=48)
   large = random_params(large_cfg, 11)
-  clean = resize.shrink(large_cfg, large, small_cfg, method="importance")
+  clean = resize.shrink(large_cfg, large, small_cfg, method="weight_norm")
   rng = np.random.default_rng(12)
   small = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype), clean)
   ids = rng.integers(0, 53, (2, 6))
   before = jax.tree.map(np.copy, large)
-  for extras in ("leading", "importance"):
+  for extras in ("leading", "weight_norm"):
     aligned = align.align_units(small_cfg, small, large_cfg, large, extras=extras)
     np.testing.assert_allclose(model.forward(large_cfg, aligned, ids),
                                model.forward(large_cfg, large, ids), atol=1e-5, rtol=0)

@@ -131,11 +131,11 @@ def test_shrink_by_importance_uses_one_unit_choice_for_every_leaf(family):
   source = _config(family, hidden_size=40, num_heads=6, num_kv_heads=3, intermediate_size=64)
   target = source.replace(hidden_size=24, num_heads=4, num_kv_heads=2, intermediate_size=40)
   params = _index_params(source)  # Larger index = larger norm, so importance keeps the last.
-  maps = resize.make_maps(source, params, target, select="importance")
+  maps = resize.make_maps(source, params, target, select="weight_norm")
   kept = {k: maps[k].src[:, 0] for k in "DFH"}
   np.testing.assert_array_equal(kept["D"], np.arange(16, 40))
   np.testing.assert_array_equal(kept["F"], np.arange(24, 64))
-  out = resize.flatten(resize.shrink(source, params, target, method="importance"))
+  out = resize.flatten(resize.shrink(source, params, target, method="weight_norm"))
   for path, spec in resize.leaf_specs(target).items():
     expect = np.ones([resize.axis_sizes(target)[k] for k, _ in spec])
     for axis, (kind, _) in enumerate(spec):
@@ -178,7 +178,7 @@ def test_importance_keeps_large_norm_neurons():
   flat = resize.flatten(params)
   flat["layers/mlp/up/weight"][:, [5, 17, 40]] *= 20
   target = source.replace(intermediate_size=3)
-  maps = resize.make_maps(source, resize.unflatten(flat), target, select="importance")
+  maps = resize.make_maps(source, resize.unflatten(flat), target, select="weight_norm")
   np.testing.assert_array_equal(maps["F"].src[:, 0], [5, 17, 40])
 
 
