@@ -46,6 +46,7 @@ from cbd_jax.link_driver import (  # noqa: F401  (global_batch, host_params: the
   sync,
   train_link,
 )
+from cbd_jax.model import init_params
 from cbd_jax.sharding import make_mesh, tree_shardings
 from cbd_jax.train_step import LossSettings, make_eval_step, make_train_step, place_params
 
@@ -76,6 +77,8 @@ def check_config(config) -> None:
       bridge_link.check_link(link, where)
     elif not link.get("init") and not any(dict(link.shape).values()):
       raise ValueError(f"{where}: give a public checkpoint (init) or a shape for Shrink")
+    elif not link.get("init"):
+      prune.check_link(link, where)
     checks.check_link(link, where)
     _check_hidden(link.loss, where)
     teacher_cache.check(link, where)
@@ -166,10 +169,14 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
   target = student_config(link, teacher)
   method = link.get("shrink") or "activation"
   layers = link.get("shrink_layers") or "greedy"
+  if method == "random":  # A control: the same link from random weights.
+    log.info("link %s: random init of %s", link.name, {k: getattr(target, k) for k in SHAPE_FIELDS})
+    return target, jax.tree.map(np.asarray, init_params(target, jax.random.key(0)))
   log.info("link %s: Shrink of the teacher to %s (%s units, %s layers)", link.name,
            {k: getattr(target, k) for k in SHAPE_FIELDS}, method, layers)
   rows = calibration_rows() if method == "activation" or layers == "greedy" else None
   params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
+                           rescale=bool(link.get("shrink_rescale", True)),
                            log=lambda line: log.info("link %s: %s", link.name, line))
   return target, jax.tree.map(np.asarray, params)
 

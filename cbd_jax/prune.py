@@ -25,6 +25,20 @@ SHRINKS = ("activation", "weight_norm", "leading")
 LAYER_CHOICES = ("greedy", "even")
 
 
+def check_link(link, where: str) -> None:
+  """A Shrink-started link's ``shrink`` (or "random", a control), ``shrink_layers`` and
+  ``calib_tokens``, refused in one line before any link trains."""
+  method, layers = link.get("shrink") or "activation", link.get("shrink_layers") or "greedy"
+  if method not in SHRINKS + ("random",):
+    raise ValueError(f"{where}: shrink={method!r}; use one of {SHRINKS + ('random',)}")
+  if layers not in LAYER_CHOICES:
+    raise ValueError(f"{where}: shrink_layers={layers!r}; use one of {LAYER_CHOICES}")
+  tokens = link.get("calib_tokens")
+  if tokens is not None and int(tokens) < 1:
+    raise ValueError(f"{where}: calib_tokens={tokens} must be >= 1 (tokens of training text the "
+                     "Shrink is calibrated on)")
+
+
 def order_units(config: ModelConfig, params: dict, scores: dict[str, np.ndarray]) -> dict:
   """``params`` with units reordered by decreasing score (the same function): residual channels
   by ``scores["D"]`` [D]; per layer, FFN neurons by ``F`` [L, F], kv groups by ``K`` [L, K] and
@@ -62,11 +76,11 @@ def rescale_norms(params: dict, stats: dict[str, np.ndarray], channels: np.ndarr
 
 
 def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str = "activation",
-           rows=None, layers: str = "greedy", log: Callable[[str], None] = lambda _: None
-           ) -> tuple[dict, dict]:
+           rows=None, layers: str = "greedy", rescale: bool = True,
+           log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
   """(params of ``target``'s shape cut from ``params``, what was chosen). ``rows`` [N, T]:
   calibration token ids (training text), needed by ``method="activation"`` and by
-  ``layers="greedy"``."""
+  ``layers="greedy"``; ``rescale``: `rescale_norms` after an activation Shrink."""
   if method not in SHRINKS:
     raise ValueError(f"unknown shrink {method!r}; use one of {SHRINKS}")
   if layers not in LAYER_CHOICES:
@@ -92,7 +106,7 @@ def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str =
   ordered = order_units(config, params, scores)
   out = resize.resize(config, ordered, target, select="leading",
                       layer_map=resize.one_hot_map(kept))
-  if target.hidden_size < config.hidden_size:
+  if rescale and target.hidden_size < config.hidden_size:
     channels = np.argsort(-scores["D"], kind="stable")[:target.hidden_size]
     out = rescale_norms(out, stats, channels, kept)
   info["calibration_tokens"] = int(np.asarray(rows)[:, 1:].size)

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cbd_jax import evaluation, gguf_cache, heldout, hf_io, manifest, sizing
+from cbd_jax import baselines, evaluation, gguf_cache, heldout, hf_io, manifest, sizing
 from cbd_jax.config import ModelConfig, num_params
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,38 @@ def evaluate_models(models: list[dict], text_file: str | Path, eval_tokens: int,
   return models
 
 
+def count_baselines(workdir: str | Path, text_file: str | Path, eval_tokens: int,
+                    seq_len: int) -> list[dict]:
+  """Unigram and bigram count models of the chain's training text (`cbd_jax.baselines`), in the
+  source's tokenizer, on the same held-out rows as the models: a model below them has learned no
+  more than counts."""
+  import ml_collections
+
+  workdir = Path(workdir)
+  doc = manifest.read(workdir)
+  config = doc.get("config") or {}
+  if not config.get("data", {}).get("train"):
+    return []
+  first = next((a for a in manifest.done_anchors(doc)), None)
+  path = str(workdir / first["path"]) if first else doc["source"]["path"]
+  tokenizer = hf_io.load_tokenizer(path)
+  data_cfg = ml_collections.ConfigDict(config["data"])
+  cache = data_cfg.get("cache_dir") or workdir / "data_cache"
+  chain = config.get("chain") or [{}]
+  rows = baselines.training_rows(data_cfg, tokenizer, int(chain[0].get("seq_len", seq_len)),
+                                 cache)
+  fitted = baselines.fit(rows, len(tokenizer))
+  text = heldout.load_heldout(tokenizer, text_file, eval_tokens, seq_len)
+  out = []
+  for name, quality in baselines.evaluate(fitted, text.rows, text.byte_lengths).items():
+    out.append({"name": f"{name} counts", "role": "counts", "path": "", "tokens": rows.size,
+                "teacher_flops": 0, "num_params": 0, "shape": quality["smoothing"],
+                "loss": quality["loss"], "ppl": quality["ppl"], "bpb": quality["bpb"],
+                "eval_tokens": text.tokens, "eval_bytes": text.bytes, "tasks": {}})
+    log.info("%s counts: held-out ppl %.2f", name, quality["ppl"])
+  return out
+
+
 def format_table(models: list[dict]) -> str:
   """A fixed-width table of the evaluated models."""
   head = (f"{'model':<18} {'role':<7} {'params':>8}  {'shape':<26} {'train tokens':>12} "
@@ -84,10 +116,11 @@ def format_table(models: list[dict]) -> str:
   lines = [head, "-" * len(head)]
   for m in models:
     tokens = f"{m['tokens']:,}" if m["role"] != "source" else "-"
+    params = sizing.format_count(m["num_params"]) if m["num_params"] else "-"
     flops = f"{m['teacher_flops']:.2e}" if m["teacher_flops"] else (
         "0" if m["role"] == "target" else "-")
     lines.append(f"{m['name'][:18]:<18} {m['role']:<7} "
-                 f"{sizing.format_count(m['num_params']):>8}  {m['shape'][:26]:<26} "
+                 f"{params:>8}  {m['shape'][:26]:<26} "
                  f"{tokens:>12} {flops:>13} {m['ppl']:>10.2f} {m['bpb']:>9.3f}")
   return "\n".join(lines)
 
@@ -97,6 +130,7 @@ def chain_report(workdir: str | Path, text_file: str | Path, eval_tokens: int = 
   """Evaluates every model of the chain, writes ``<workdir>/report.json``; returns the report."""
   workdir = Path(workdir)
   models = evaluate_models(chain_models(workdir), text_file, eval_tokens, seq_len)
+  models += count_baselines(workdir, text_file, eval_tokens, seq_len)
   anchors = [m for m in models if m["role"] == "anchor"]
   targets = [m for m in models if m["role"] == "target"]
   report = {
