@@ -246,7 +246,8 @@ class CachedKDLink(KDLink):
         "teacher": str(run.teacher_path), "k": spec["k"], "dtype": spec["dtype"],
         "temperature": float(link.loss.temperature), "seq_len": int(link.seq_len),
         "batch_size": int(link.batch_size), "microbatches": int(link.microbatches),
-        "processes": jax.process_count(), "tokenizer": data.tokenizer_fingerprint(
+        "processes": jax.process_count(), "format": teacher_cache.FORMAT,
+        "tokenizer": data.tokenizer_fingerprint(
             self.tokenizer()), "data": json.loads(run.config.data.to_json())})
     self.train_step = teacher_cache.make_cached_step(student, optimizer, self.loss, mesh, rules,
                                                      schedule)

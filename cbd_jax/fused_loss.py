@@ -60,7 +60,7 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   elif spec.teacher == "topk":
     per = losses.kd_topk_per_token(z_BxCxV, tok["teacher_indices"], tok["teacher_logprobs"],
                                    spec.kind, t, spec.vocab_limit, spec.missing, spec.skew,
-                                   spec.beta)
+                                   spec.beta, tok.get("teacher_rest"))
     kd_sum = losses.weighted_sum(per, tok["mask"])[0]
   if spec.use_ce:
     per = losses.cross_entropy_per_token(z_BxCxV, tok["labels"], spec.vocab_limit)
@@ -137,15 +137,19 @@ def _check_head(name: str, hidden, head_VxD):
 
 def _teacher_inputs(hidden_BxTxD, head_VxD, topk, student_btv, chunks, tok, consts) -> str:
   """Adds the teacher's chunked inputs to ``tok`` / ``consts``; returns its kind: "topk"
-  (``topk = (indices, logprobs)``), "dense" (hidden states and head) or "none"."""
+  (``topk = (indices, logprobs, rest)``), "dense" (hidden states and head) or "none"."""
   b, t, num_v = student_btv
   if topk is not None:
-    indices, logprobs = topk
+    indices, logprobs, *rest = topk
     if indices.shape[:2] != (b, t) or indices.shape != logprobs.shape:
       raise ValueError(f"teacher top-k arrays {indices.shape} / {logprobs.shape} must be "
                        f"[{b}, {t}, k]")
     tok["teacher_indices"] = chunks(indices.astype(jnp.int32))
     tok["teacher_logprobs"] = chunks(logprobs)
+    if rest and rest[0] is not None:
+      if rest[0].shape != (b, t):
+        raise ValueError(f"teacher top-k rest {rest[0].shape} must be [{b}, {t}]")
+      tok["teacher_rest"] = chunks(rest[0])
     return "topk"
   if hidden_BxTxD is None:
     return "none"
@@ -168,9 +172,10 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
   """(kd_weight * KD_sum + ce_weight * CE_sum, metrics) from hidden states, chunked.
 
   The teacher is either dense (``teacher_hidden_BxTxD`` with ``teacher_head_VxD``) or top-k
-  (``teacher_topk = (indices, logprobs)`` from ``losses.topk_teacher``) or absent (CE only).
-  ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts ``kd_count``,
-  ``ce_count`` (CE also drops labels < 0). Weights and temperature may be traced scalars.
+  (``teacher_topk = (indices, logprobs, rest)``, ``losses.topk_teacher``'s outputs) or absent (CE
+  only). ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts
+  ``kd_count``, ``ce_count`` (CE also drops labels < 0). Weights and temperature may be traced
+  scalars.
   """
   _check_head("student", student_hidden_BxTxD, student_head_VxD)
   losses.check_kind(kind, skew, beta)
@@ -220,12 +225,13 @@ def fused_kd_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_BxTxD, 
 def fused_kd_loss_topk(student_hidden_BxTxD, student_head_VxD, teacher_indices,
                        teacher_logprobs, kind: str = "fkl", temperature=1.0, mask=None,
                        vocab_limit: int | None = None, chunk_size: int = 1024,
-                       missing: str = "tail", skew: float = 0.1, beta: float = 0.5):
+                       missing: str = "tail", skew: float = 0.1, beta: float = 0.5,
+                       teacher_rest=None):
   """(sum, count) of the top-k KD loss (``losses.kd_loss_topk_sum``), chunked."""
   objective, metrics = fused_distill_loss(
       student_hidden_BxTxD, student_head_VxD, kind=kind, temperature=temperature, mask=mask,
       vocab_limit=vocab_limit, chunk_size=chunk_size, missing=missing, skew=skew, beta=beta,
-      teacher_topk=(teacher_indices, teacher_logprobs))
+      teacher_topk=(teacher_indices, teacher_logprobs, teacher_rest))
   return objective, metrics["kd_count"]
 
 

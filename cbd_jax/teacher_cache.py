@@ -3,8 +3,10 @@
 With ``link.teacher_cache.k > 0`` a KD link first runs its teacher over every training batch of
 its budget and stores, per optimizer step and process, the teacher's top-k token ids and their
 log-probabilities at the link's temperature (``<dir>/step_00000012.p0of1.npz``: ``idx`` int32
-and ``logp`` [M, B / P, T, k]). Training then reads batch ``s`` with its cached teacher and
-distils with the top-k loss (`losses.kd_loss_topk_sum`, the tail mass ``1 - sum p_topk`` against
+and ``logp`` [M, B / P, T, k] in ``teacher_cache.dtype``, and ``rest`` fp32 [M, B / P, T], the log
+of the teacher's mass outside its top-k, computed from the full logits: ``1 - sum p_topk`` of
+rounded values is 0 or less for a confident teacher). Training then reads batch ``s`` with its
+cached teacher and distils with the top-k loss (`losses.kd_loss_topk_sum`, the tail mass against
 the student's mass outside the top-k), so the training steps never call the teacher: later
 epochs, reruns and ablations of the link (other learning rates, student shapes, loss weights)
 read the same cache. Only held-out evaluation still runs the teacher (KL and teacher perplexity
@@ -12,7 +14,8 @@ are measured against the real one).
 
 The cache is resumable (a killed fill keeps every finished step file; each is written beside and
 renamed), and ``cache.json`` records what it was built from (teacher, k, temperature, data,
-tokenizer, batch shape): a cache built for other settings is refused, naming the field.
+tokenizer, batch shape, file format): a cache built for other settings is refused, naming the
+field.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from cbd_jax.train_step import LossSettings, abstract_params, state_shardings
 
 log = logging.getLogger(__name__)
 INDEX = "cache.json"
+FORMAT = 2  # 2: step files hold ``rest``, the teacher's tail mass.
 
 
 def settings(link) -> dict[str, Any] | None:
@@ -70,8 +74,9 @@ def _file(folder: Path, step: int) -> Path:
 
 
 def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int, mesh, rules):
-  """Returns topk(teacher_params, ids [M, B, T]) -> (idx int32, logp fp32) [M, B, T, k], one
-  microbatch at a time and ``chunk_size`` tokens of logits at a time."""
+  """Returns topk(teacher_params, ids [M, B, T]) -> (idx int32 [M, B, T, k], logp fp32
+  [M, B, T, k], rest fp32 [M, B, T]) (`losses.topk_teacher`), one microbatch at a time and
+  ``chunk_size`` tokens of logits at a time."""
   def one(params, ids_BxT):
     hidden, _ = model.apply_hidden(teacher, params, ids_BxT)
     head = model.head_weight(teacher, params)
@@ -79,15 +84,15 @@ def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int,
     step = max(1, min(t, chunk_size // b))
     pieces = [losses.topk_teacher(hidden[:, i:i + step] @ head.T.astype(hidden.dtype), k,
                                   temperature, teacher.vocab_limit) for i in range(0, t, step)]
-    return (jnp.concatenate([p[0] for p in pieces], axis=1),
-            jnp.concatenate([p[1] for p in pieces], axis=1))
+    return tuple(jnp.concatenate([p[j] for p in pieces], axis=1) for j in range(3))
 
   def topk(params, ids_MxBxT):
     return jax.lax.map(lambda ids: one(params, ids), ids_MxBxT)
 
   in_sh = (tree_shardings(abstract_params(teacher), mesh, rules),
            batch_sharding(mesh, ndim=3, leading=1))
-  out_sh = batch_sharding(mesh, ndim=4, leading=1)
+  out_sh = (batch_sharding(mesh, ndim=4, leading=1), batch_sharding(mesh, ndim=4, leading=1),
+            batch_sharding(mesh, ndim=3, leading=1))
   return jax.jit(step_core.under_mesh(topk, mesh), in_shardings=in_sh, out_shardings=out_sh)
 
 
@@ -121,8 +126,8 @@ def fill(folder: Path, steps: int, batch_fn, topk_fn, place_teacher, mesh, dtype
   start, store = time.time(), np.dtype(jnp.dtype(dtype))
   for n, step in enumerate(todo, 1):
     ids = global_batch(mesh, {"ids": batch_fn(step)["ids"]}, 1)["ids"]
-    idx, logp = topk_fn(teacher_params, ids)
-    _write(_file(folder, step), _local(idx), _local(logp).astype(store))
+    idx, logp, rest = topk_fn(teacher_params, ids)
+    _write(_file(folder, step), _local(idx), _local(logp).astype(store), _local(rest))
     if n % 50 == 0 or n == len(todo):
       log.info("teacher cache: %d/%d steps (%.1f steps/s)", n, len(todo),
                n / max(time.time() - start, 1e-9))
@@ -142,19 +147,23 @@ def _local(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows, axis=1)
 
 
-def _write(path: Path, idx: np.ndarray, logp: np.ndarray) -> None:
+def _write(path: Path, idx: np.ndarray, logp: np.ndarray, rest: np.ndarray) -> None:
   tmp = path.with_name(path.name + f".{os.getpid()}.part")
   with open(tmp, "wb") as f:
-    np.savez(f, idx=idx.astype(np.int32), logp=logp)
+    np.savez(f, idx=idx.astype(np.int32), logp=logp, rest=rest.astype(np.float32))
   os.replace(tmp, path)
 
 
 def read(folder: Path, step: int) -> dict[str, np.ndarray]:
-  """``{"t_idx", "t_logp"}`` of a step (this process's rows), fp32 log-probs."""
+  """``{"t_idx", "t_logp", "t_rest"}`` of a step (this process's rows), fp32 log-probs."""
   path = _file(folder, step)
   try:
     with np.load(path) as z:
-      return {"t_idx": z["idx"], "t_logp": z["logp"].astype(np.float32)}
+      logp = z["logp"]
+      if logp.dtype == np.dtype("V2"):  # np.save writes bfloat16 as raw 2-byte records.
+        logp = logp.view(jnp.bfloat16)
+      return {"t_idx": z["idx"], "t_logp": logp.astype(np.float32),
+              "t_rest": z["rest"].astype(np.float32)}
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: damaged or missing teacher-cache file ({type(e).__name__}); delete "
                      "it and run again (the teacher recomputes it)") from None
@@ -163,7 +172,8 @@ def read(folder: Path, step: int) -> dict[str, np.ndarray]:
 @functools.lru_cache(maxsize=8)
 def make_cached_step(student: ModelConfig, optimizer, loss: LossSettings, mesh, rules, schedule):
   """step(state, None, batch) -> (state, metrics): KD from the batch's cached top-k teacher
-  (``t_idx``, ``t_logp`` [M, B, T, k]) plus the CE mix; metrics as the live KD step's."""
+  (``t_idx``, ``t_logp`` [M, B, T, k], ``t_rest`` [M, B, T]) plus the CE mix; metrics as the
+  live KD step's."""
   def objective(params, _, mb, total):
     s_params = step_core.compute_params(student, params)
     hidden, _ = model.apply_hidden(student, s_params, mb["ids"])
@@ -172,7 +182,7 @@ def make_cached_step(student: ModelConfig, optimizer, loss: LossSettings, mesh, 
         hidden, model.head_weight(student, s_params), labels_BxT=mb["labels"] if loss.ce_weight
         else None, kind=loss.kind, temperature=loss.temperature, mask=mask,
         vocab_limit=student.vocab_limit, kd_weight=loss.kd_weight, ce_weight=loss.ce_weight,
-        chunk_size=loss.chunk_size, teacher_topk=(mb["t_idx"], mb["t_logp"]))
+        chunk_size=loss.chunk_size, teacher_topk=(mb["t_idx"], mb["t_logp"], mb["t_rest"]))
     return value / total, {"kd_sum": sums["kd_sum"], "ce_sum": sums["ce_sum"],
                            "count": jnp.sum(mask)}
 
