@@ -7,10 +7,12 @@ of the inputs), so the backward pass is a scaling and the total matmul work equa
 forward  z_s, z_t;  gradient  dz_s W_s, dz_s^T h_s.
 
 Values and gradients equal ``losses.kd_loss_sum`` / ``losses.cross_entropy_sum`` on the full
-logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient. Matmuls take the inputs'
-own dtype with fp32 accumulation (exact products for bf16 inputs); all loss maths is fp32. Chunks
-are [B, chunk_size // B] slabs of sequence positions, so a batch-sharded hidden state and a
-vocab- or model-sharded head keep their shardings under ``jax.jit``.
+logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient, and so do the
+temperature and the loss weights, which are therefore static Python floats (a traced one is
+refused). Matmuls take the inputs' own dtype with fp32 accumulation (exact products for bf16
+inputs); all loss maths is fp32. Chunks are [B, chunk_size // B] slabs of sequence positions, so a
+batch-sharded hidden state and a vocab- or model-sharded head keep their shardings under
+``jax.jit``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class _Spec:
 
   teacher: str  # "none" | "dense" | "topk"
   use_ce: bool
+  temperature: float = 1.0
+  kd_weight: float = 1.0
+  ce_weight: float = 0.0
   kind: str = "fkl"
   vocab_limit: int | None = None
   skew: float = 0.1
@@ -50,7 +55,7 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   """(kd_weight * kd_sum + ce_weight * ce_sum, (kd_sum, ce_sum)) over one chunk."""
   z_BxCxV = constrain_batch(_logits(h_BxCxD, w_VxD))
   kd_sum = ce_sum = jnp.zeros((), jnp.float32)
-  t = consts["temperature"]
+  t = spec.temperature
   if spec.teacher == "dense":
     zt_BxCxV = constrain_batch(
         jax.lax.stop_gradient(_logits(tok["teacher_hidden"], consts["teacher_head"])))
@@ -65,7 +70,7 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   if spec.use_ce:
     per = losses.cross_entropy_per_token(z_BxCxV, tok["labels"], spec.vocab_limit)
     ce_sum = losses.weighted_sum(per, tok["ce_mask"])[0]
-  objective = consts["kd_weight"] * kd_sum + consts["ce_weight"] * ce_sum
+  objective = spec.kd_weight * kd_sum + spec.ce_weight * ce_sum
   return objective, (kd_sum, ce_sum)
 
 
@@ -127,6 +132,14 @@ def _to_chunks(x_BxT, num_chunks: int, chunk_len: int, fill=0):
   return constrain_batch(jnp.moveaxis(x, 1, 0), 1)
 
 
+def _static(name: str, value) -> float:
+  """``value`` as a Python float; a traced value is refused (its gradient would be zero)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"fused loss: {name} is a traced value; pass a Python float (it is static: "
+                    "the loss is compiled for it and not differentiated with respect to it)")
+  return float(value)
+
+
 def _check_head(name: str, hidden, head_VxD):
   if hidden.ndim != 3:
     raise ValueError(f"{name} hidden must be [batch, seq, dim], got shape {hidden.shape}")
@@ -174,8 +187,8 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
   The teacher is either dense (``teacher_hidden_BxTxD`` with ``teacher_head_VxD``) or top-k
   (``teacher_topk = (indices, logprobs, rest)``, ``losses.topk_teacher``'s outputs) or absent (CE
   only). ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts
-  ``kd_count``, ``ce_count`` (CE also drops labels < 0). Weights and temperature may be traced
-  scalars.
+  ``kd_count``, ``ce_count`` (CE also drops labels < 0). ``temperature``, ``kd_weight`` and
+  ``ce_weight`` are Python floats (static).
   """
   _check_head("student", student_hidden_BxTxD, student_head_VxD)
   losses.check_kind(kind, skew, beta)
@@ -189,9 +202,7 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
 
   weights_BxT = losses.token_weights((b, t), mask)
   tok = {"mask": chunks(weights_BxT)}
-  consts = {"temperature": jnp.asarray(temperature, jnp.float32),
-            "kd_weight": jnp.asarray(kd_weight, jnp.float32),
-            "ce_weight": jnp.asarray(ce_weight, jnp.float32)}
+  consts = {}
   teacher = _teacher_inputs(teacher_hidden_BxTxD, teacher_head_VxD, teacher_topk, (b, t, num_v),
                             chunks, tok, consts)
   use_ce = labels_BxT is not None
@@ -202,7 +213,9 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
     ce_weights_BxT = losses.label_weights(labels_BxT, mask)
     tok["labels"] = chunks(labels_BxT.astype(jnp.int32), fill=-1)
     tok["ce_mask"] = chunks(ce_weights_BxT)
-  spec = _Spec(teacher, use_ce, kind, vocab_limit, skew, beta, missing)
+  spec = _Spec(teacher, use_ce, _static("temperature", temperature),
+               _static("kd_weight", kd_weight), _static("ce_weight", ce_weight), kind,
+               vocab_limit, skew, beta, missing)
   objective, kd_sum, ce_sum = _fused_sums(spec, chunks(student_hidden_BxTxD), student_head_VxD,
                                           tok, consts)
   metrics = {"kd_sum": jax.lax.stop_gradient(kd_sum), "ce_sum": jax.lax.stop_gradient(ce_sum),

@@ -1,5 +1,5 @@
 """The fused chunked head-and-loss equals a float64 reference in value and gradient (central
-differences of the reference)."""
+differences of the reference), and takes static weights."""
 
 import re
 import sys
@@ -104,7 +104,7 @@ def test_fused_kd_equals_float64_reference_in_value_and_gradient(kind):
 
 def test_forward_only_path_and_count():
   x = _inputs(1)
-  total, count = jax.jit(fused_loss.fused_kd_loss, static_argnums=(4, 7, 8))(
+  total, count = jax.jit(fused_loss.fused_kd_loss, static_argnums=(4, 5, 7, 8))(
       x["hs"], x["ws"], x["ht"], x["wt"], "fkl", TEMPERATURE, x["mask"], LIMIT, CHUNK)
   _assert_close(total, _ref_kd(x, "fkl")(_f64(x["hs"]), _f64(x["ws"])))
   assert float(count) == x["mask"].sum()
@@ -139,19 +139,31 @@ def test_fused_cross_entropy_and_the_weighted_mix():
   _assert_close(metrics["ce_sum"], want_ce)
 
 
-def test_traced_weights_and_temperature_scale_the_gradient():
+@pytest.mark.parametrize("name", ["temperature", "kd_weight", "ce_weight"])
+def test_a_traced_temperature_or_weight_is_refused_not_given_a_zero_gradient(name):
+  """They are static: differentiating (or jitting) with respect to one is refused in one line,
+  where it used to return a zero gradient."""
   x = _inputs(4)
 
-  def fused(hs, scale):
-    return fused_loss.fused_distill_loss(hs, x["ws"], x["ht"], x["wt"], temperature=scale,
-                                         kd_weight=1.0 / scale, chunk_size=CHUNK)[0]
+  def fused(value):
+    return fused_loss.fused_distill_loss(x["hs"], x["ws"], x["ht"], x["wt"], x["labels"],
+                                         chunk_size=CHUNK, **{name: value})[0]
 
-  got = jax.jit(jax.grad(fused))(x["hs"], jnp.float32(2.0))
+  with pytest.raises(TypeError, match=f"^fused loss: {name} is a traced value; pass a Python "):
+    jax.grad(fused)(1.5)
+  with pytest.raises(TypeError, match=f"{name} is a traced value"):
+    jax.jit(fused)(1.5)
+
+
+def test_static_weights_and_temperature_scale_the_loss_and_gradient():
+  x = _inputs(4)
+  fused = lambda hs, ws: fused_loss.fused_distill_loss(  # noqa: E731
+      hs, ws, x["ht"], x["wt"], temperature=np.float32(2.0), kd_weight=0.5, chunk_size=CHUNK)[0]
+  got, got_g = jax.jit(jax.value_and_grad(fused, (0, 1)))(x["hs"], x["ws"])
   t_logits = _f64(x["ht"]) @ _f64(x["wt"]).T  # No mask, no vocab_limit: all V columns.
-  _, want = _ref_value_and_grad(
-      lambda hs, ws: ref.kd_per_token(hs @ ws.T, t_logits, "fkl", 2.0).sum() / 2.0, x["hs"],
-      x["ws"])
-  _assert_close(got, want[0])
+  _assert_value_and_grad(got, got_g, *_ref_value_and_grad(
+      lambda hs, ws: 0.5 * ref.kd_per_token(hs @ ws.T, t_logits, "fkl", 2.0).sum(), x["hs"],
+      x["ws"]))
 
 
 def _ref_topk_kd(x, idx, logp, rest, kind):
