@@ -10,9 +10,13 @@ Values and gradients equal ``losses.kd_loss_sum`` / ``losses.cross_entropy_sum``
 logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient, and so do the
 temperature and the loss weights, which are therefore static Python floats (a traced one is
 refused). Matmuls take the inputs' own dtype with fp32 accumulation (exact products for bf16
-inputs); all loss maths is fp32. Chunks are [B, chunk_size // B] slabs of sequence positions, so a
-batch-sharded hidden state and a vocab- or model-sharded head keep their shardings under
-``jax.jit``.
+inputs); all loss maths is fp32.
+
+Chunks are [B, C] slabs of sequence positions with ``chunk_size`` counted per device: traced under
+a mesh (``jax.set_mesh`` / ``use_abstract_mesh``, as the train steps are) whose batch axes split B
+n ways, each device holds B / n rows, so C = chunk_size // (B / n) and every device multiplies
+``chunk_size`` tokens per chunk, whatever the number of devices. A batch-sharded hidden state and
+a vocab- or model-sharded head keep their shardings under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax import losses
-from cbd_jax.sharding import constrain_batch
+from cbd_jax.sharding import batch_shards, constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +136,15 @@ def _to_chunks(x_BxT, num_chunks: int, chunk_len: int, fill=0):
   return constrain_batch(jnp.moveaxis(x, 1, 0), 1)
 
 
+def chunk_positions(b: int, t: int, chunk_size: int) -> int:
+  """Sequence positions per chunk of a [b, t] batch: ``chunk_size`` tokens per device, i.e.
+  chunk_size // (b / n) for the n batch shards of the mesh traced under (n = 1 outside one)."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be positive")
+  rows_per_device = max(1, b // batch_shards(b))
+  return max(1, min(t, chunk_size // rows_per_device))
+
+
 def _static(name: str, value) -> float:
   """``value`` as a Python float; a traced value is refused (its gradient would be zero)."""
   if isinstance(value, jax.core.Tracer):
@@ -188,15 +201,13 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
   (``teacher_topk = (indices, logprobs, rest)``, ``losses.topk_teacher``'s outputs) or absent (CE
   only). ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts
   ``kd_count``, ``ce_count`` (CE also drops labels < 0). ``temperature``, ``kd_weight`` and
-  ``ce_weight`` are Python floats (static).
+  ``ce_weight`` are Python floats (static); ``chunk_size`` is tokens per device (see above).
   """
   _check_head("student", student_hidden_BxTxD, student_head_VxD)
   losses.check_kind(kind, skew, beta)
   b, t, _ = student_hidden_BxTxD.shape
   num_v = student_head_VxD.shape[0]
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be positive")
-  chunk_len = max(1, min(t, chunk_size // b))
+  chunk_len = chunk_positions(b, t, chunk_size)
   num_chunks = -(-t // chunk_len)
   chunks = functools.partial(_to_chunks, num_chunks=num_chunks, chunk_len=chunk_len)
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from cbd_jax import losses, model, step_core
 from cbd_jax.config import ModelConfig
-from cbd_jax.fused_loss import fused_distill_loss
+from cbd_jax.fused_loss import chunk_positions, fused_distill_loss
 from cbd_jax.link_driver import global_batch
 from cbd_jax.sharding import batch_sharding, tree_shardings
 from cbd_jax.train_step import LossSettings, abstract_params, state_shardings
@@ -76,12 +76,12 @@ def _file(folder: Path, step: int) -> Path:
 def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int, mesh, rules):
   """Returns topk(teacher_params, ids [M, B, T]) -> (idx int32 [M, B, T, k], logp fp32
   [M, B, T, k], rest fp32 [M, B, T]) (`losses.topk_teacher`), one microbatch at a time and
-  ``chunk_size`` tokens of logits at a time."""
+  ``chunk_size`` tokens of logits per device at a time."""
   def one(params, ids_BxT):
     hidden, _ = model.apply_hidden(teacher, params, ids_BxT)
     head = model.head_weight(teacher, params)
     b, t = ids_BxT.shape
-    step = max(1, min(t, chunk_size // b))
+    step = chunk_positions(b, t, chunk_size)
     pieces = [losses.topk_teacher(hidden[:, i:i + step] @ head.T.astype(hidden.dtype), k,
                                   temperature, teacher.vocab_limit) for i in range(0, t, step)]
     return tuple(jnp.concatenate([p[j] for p in pieces], axis=1) for j in range(3))

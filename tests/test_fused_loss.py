@@ -1,11 +1,12 @@
 """The fused chunked head-and-loss equals a float64 reference in value and gradient (central
-differences of the reference), and takes static weights."""
+differences of the reference), counts its chunk per device, and takes static weights."""
 
 import re
 import sys
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -186,6 +187,43 @@ def test_fused_topk_equals_float64_reference(kind):
   want_rest = ref.tail_logprob(_f64(x["ht"]) @ _f64(x["wt"]).T, idx, TEMPERATURE, LIMIT)
   _assert_value_and_grad(got, got_g, *_ref_value_and_grad(
       _ref_topk_kd(x, np.asarray(idx), np.asarray(logp), want_rest, kind), x["hs"], x["ws"]))
+
+
+def _scan_lengths(fn, *args) -> list[int]:
+  """Trip counts of every lax.scan in the traced function (nested jaxprs included)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan":
+        found.append(eqn.params["length"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_the_chunk_is_counted_in_tokens_per_device():
+  """8 rows over data=8: one row per device, so chunk_size=6 is 6 positions of it per chunk (3
+  chunks for T=13), not 6 // 8 -> 1 position (13 chunks of 8 tokens, one per device)."""
+  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  ks = jax.random.split(jax.random.PRNGKey(11), 4)
+  hs, ht = jax.random.normal(ks[0], (8, T, D)), jax.random.normal(ks[2], (8, T, DT))
+  ws, wt = jax.random.normal(ks[1], (V, D)), jax.random.normal(ks[3], (V, DT))
+
+  def loss(hs, ws):
+    return fused_loss.fused_kd_loss(hs, ws, ht, wt, chunk_size=CHUNK)[0]
+
+  assert set(_scan_lengths(loss, hs, ws)) == {13}  # Outside a mesh: all 8 rows on one device.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    assert set(_scan_lengths(jax.value_and_grad(loss, (0, 1)), hs, ws)) == {3}
+  with jax.set_mesh(mesh):
+    got, got_g = jax.jit(jax.value_and_grad(loss, (0, 1)))(hs, ws)
+  t_logits = _f64(ht) @ _f64(wt).T
+  _assert_close(got, ref.kd_per_token(_f64(hs) @ _f64(ws).T, t_logits, "fkl").sum())
+  want = jax.jit(jax.value_and_grad(loss, (0, 1)))(hs, ws)  # 13 chunks, unsharded.
+  _assert_value_and_grad(got, got_g, *want)
 
 
 def test_teacher_gets_zero_gradient():
