@@ -13,9 +13,10 @@ read the same cache. Only held-out evaluation still runs the teacher (KL and tea
 are measured against the real one).
 
 The cache is resumable (a killed fill keeps every finished step file; each is written beside and
-renamed), and ``cache.json`` records what it was built from (teacher, k, temperature, data,
-tokenizer, batch shape, file format): a cache built for other settings is refused, naming the
-field.
+renamed; the processes agree on the union of their missing steps, so every one runs the teacher
+the same number of times), and ``cache.json`` records what it was built from (teacher, k,
+temperature, data, tokenizer, batch shape, file format): a cache built for other settings is
+refused, naming the field.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cbd_jax import losses, model, step_core
 from cbd_jax.config import ModelConfig
@@ -96,29 +98,56 @@ def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int,
   return jax.jit(step_core.under_mesh(topk, mesh), in_shardings=in_sh, out_shardings=out_sh)
 
 
+def _every_process(x: np.ndarray) -> np.ndarray:
+  """[P, ...]: ``x`` of every process, in process order (a collective on several processes)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
 def check_index(folder: Path, key: dict[str, Any]) -> None:
-  """Refuses a cache built for other settings; writes the index of a new one (process 0)."""
-  path = folder / INDEX
+  """Refuses a cache built for other settings; creates the folder and index of a new one.
+
+  Every process calls it: a refusal seen by any process is raised by all (so none goes on to
+  the teacher's collective steps alone), and the folder exists on every process when it returns.
+  """
+  key = json.loads(json.dumps(key))  # As stored: tuples are lists.
+  path, shown = folder / INDEX, ""
   if path.exists():
-    old = json.loads(path.read_text())
+    try:
+      old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      old = {"unreadable cache.json": type(e).__name__}
     changed = {f: (old.get(f), v) for f, v in key.items() if old.get(f) != v}
-    if changed:
-      shown = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changed.items())
-      raise ValueError(f"{folder}: a teacher cache built for other settings ({shown}); delete "
-                       "it or set another teacher_cache.dir")
-  elif jax.process_index() == 0:
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(key, indent=2) + "\n")
+    shown = ", ".join(f"{f} {a!r} -> {b!r}" for f, (a, b) in changed.items())
+  refused = _every_process(np.array([bool(shown)]))[:, 0]
+  if refused.any():
+    where = "" if shown else f" on process {int(np.argmax(refused))}"
+    raise ValueError(f"{folder}: a teacher cache built for other settings{where} "
+                     f"({shown or 'see its log'}); delete it or set another teacher_cache.dir")
+  folder.mkdir(parents=True, exist_ok=True)
+  if not path.exists():
+    tmp = path.with_name(f"{INDEX}.{jax.process_index()}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(key, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def missing_steps(folder: Path, steps: int) -> list[int]:
+  """Steps whose file is missing on any process: the same list on every process."""
+  have = np.array([_file(folder, s).exists() for s in range(steps)], bool)
+  return np.flatnonzero(~_every_process(have).all(axis=0)).tolist()
 
 
 def fill(folder: Path, steps: int, batch_fn, topk_fn, place_teacher, mesh, dtype: str) -> int:
-  """Writes the cache files of steps 0..steps-1 that are missing; returns how many it wrote.
+  """Writes the cache files of steps 0..steps-1 that are missing; returns how many steps the
+  teacher ran (the same on every process).
 
   ``batch_fn(step)`` gives this process's rows of a batch (the link's own data order);
   ``topk_fn`` is `make_topk`'s function; ``place_teacher()`` puts the teacher's params on the
-  mesh, called only when a step is missing.
+  mesh, called only when a step is missing. Every process runs the teacher over the union of the
+  steps missing on any process (it is a collective) and writes the files it lacks.
   """
-  todo = [s for s in range(steps) if not _file(folder, s).exists()]
+  todo = missing_steps(folder, steps)
   if not todo:
     return 0
   teacher_params = place_teacher()
@@ -127,7 +156,9 @@ def fill(folder: Path, steps: int, batch_fn, topk_fn, place_teacher, mesh, dtype
   for n, step in enumerate(todo, 1):
     ids = global_batch(mesh, {"ids": batch_fn(step)["ids"]}, 1)["ids"]
     idx, logp, rest = topk_fn(teacher_params, ids)
-    _write(_file(folder, step), _local(idx), _local(logp).astype(store), _local(rest))
+    path = _file(folder, step)
+    if not path.exists():
+      _write(path, _local(idx), _local(logp).astype(store), _local(rest))
     if n % 50 == 0 or n == len(todo):
       log.info("teacher cache: %d/%d steps (%.1f steps/s)", n, len(todo),
                n / max(time.time() - start, 1e-9))
