@@ -14,9 +14,10 @@ are measured against the real one).
 
 The cache is resumable (a killed fill keeps every finished step file; each is written beside and
 renamed; the processes agree on the union of their missing steps, so every one runs the teacher
-the same number of times), and ``cache.json`` records what it was built from (teacher, k,
-temperature, data, tokenizer, batch shape, file format): a cache built for other settings is
-refused, naming the field.
+the same number of times), and ``cache.json`` records what it was built from, by content (the
+teacher's weight files and the training data files by size and modification time, the
+tokenizer's fingerprint, k, temperature, batch shape and the data settings that change the
+tokens): a cache built for other settings is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cbd_jax import losses, model, step_core
+from cbd_jax import data, losses, model, step_core
 from cbd_jax.config import ModelConfig
 from cbd_jax.fused_loss import chunk_positions, fused_distill_loss
 from cbd_jax.link_driver import global_batch
@@ -45,6 +46,7 @@ from cbd_jax.train_step import LossSettings, abstract_params, state_shardings
 log = logging.getLogger(__name__)
 INDEX = "cache.json"
 FORMAT = 2  # 2: step files hold ``rest``, the teacher's tail mass.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".npz", ".msgpack")
 
 
 def settings(link) -> dict[str, Any] | None:
@@ -73,6 +75,31 @@ def check(link, where: str) -> None:
 
 def _file(folder: Path, step: int) -> Path:
   return folder / f"step_{step:08d}.p{jax.process_index()}of{jax.process_count()}.npz"
+
+
+def weights_stamp(path: str | os.PathLike) -> list | str:
+  """[name, size, mtime] of a model's files: the file itself, or a folder's weight files and
+  ``config.json``; the path as given when it is not local (a hub id)."""
+  p = Path(os.path.expanduser(str(path)))
+  if p.is_file():
+    files = [p]
+  elif p.is_dir():
+    files = sorted(f for f in p.iterdir() if f.is_file() and (
+        f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json"))
+  else:
+    return str(path)
+  return [[f.name, f.stat().st_size, f.stat().st_mtime] for f in files]
+
+
+def cache_key(link, data_cfg, teacher_path: str, tokenizer_fingerprint: str) -> dict[str, Any]:
+  """What a link's cache is built from, by content: the teacher's files, the tokenizer, the
+  training tokens (`data.training_tokens_key`), k, dtype, temperature and the batch shape."""
+  spec = settings(link)
+  return {"format": FORMAT, "teacher": weights_stamp(teacher_path), "k": spec["k"],
+          "dtype": spec["dtype"], "temperature": float(link.loss.temperature),
+          "seq_len": int(link.seq_len), "batch_size": int(link.batch_size),
+          "microbatches": int(link.microbatches), "processes": jax.process_count(),
+          "tokenizer": tokenizer_fingerprint, "data": data.training_tokens_key(data_cfg)}
 
 
 def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int, mesh, rules):

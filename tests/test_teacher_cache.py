@@ -4,6 +4,8 @@ and the live step when k covers the vocabulary, and a link trained from it is re
 reusable without recomputing, and refuses a cache built for other settings."""
 
 import functools
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -159,12 +161,15 @@ def test_cached_kd_equals_live_kd_for_every_kind_and_storage_dtype(cached):
         np.testing.assert_allclose(got[kind], live[kind], rtol=1e-5, err_msg=where)
 
 
-def _cached_link(workdir: Path, cache: Path, k: int = 64):
+def _cached_link(workdir: Path, cache: Path, k: int = 64, text: Path | None = None, **data):
   config = qwen_chain.get_config("smoke")
   config.workdir = str(workdir)
   config.chain = (config.chain[0],)
   config.chain[0].teacher_cache.update(dict(k=k, dir=str(cache)))
   config.eval.every, config.log.progress = 0, False
+  if text is not None:
+    config.data.train = str(text)
+  config.data.update(data)
   return config
 
 
@@ -179,8 +184,9 @@ def _weights(workdir: Path):
 
 
 def test_a_cached_link_resumes_its_fill_reuses_the_cache_and_refuses_other_settings(tmp_path):
-  cache = tmp_path / "cache"
-  first = _run(_cached_link(tmp_path / "a", cache))["anchors"][0]
+  cache, text = tmp_path / "cache", tmp_path / "train.txt"
+  shutil.copy(qwen_chain.get_config("smoke").data.train, text)
+  first = _run(_cached_link(tmp_path / "a", cache, text=text))["anchors"][0]
   assert first["status"] == "done"
   assert first["teacher_cache"]["steps_computed_now"] == 8
   files = sorted(cache.glob("step_*.npz"))
@@ -189,9 +195,11 @@ def test_a_cached_link_resumes_its_fill_reuses_the_cache_and_refuses_other_setti
     assert z["idx"].shape == (2, 8, 64, 64) and z["logp"].dtype == np.float32
   for f in files[2:5]:  # A fill killed part-way: the finished steps stay, the others are redone.
     f.unlink()
-  second = _run(_cached_link(tmp_path / "b", cache))["anchors"][0]
+  second = _run(_cached_link(tmp_path / "b", cache, text=text))["anchors"][0]
   assert second["teacher_cache"]["steps_computed_now"] == 3
-  third = _run(_cached_link(tmp_path / "c", cache))["anchors"][0]
+  # Settings that do not change the tokens (how they are made) keep the cache.
+  third = _run(_cached_link(tmp_path / "c", cache, text=text, tokenize_workers=1,
+                            cache_shared=False))["anchors"][0]
   assert third["teacher_cache"]["steps_computed_now"] == 0  # No teacher step at all.
   a, b, c = (_weights(tmp_path / n) for n in "abc")
   for key in a:
@@ -199,10 +207,42 @@ def test_a_cached_link_resumes_its_fill_reuses_the_cache_and_refuses_other_setti
     np.testing.assert_array_equal(a[key], c[key], err_msg=key)
   assert manifest.read(tmp_path / "c")["anchors"][0]["eval"] == first["eval"]
   with pytest.raises(ValueError) as e:
-    _run(_cached_link(tmp_path / "d", cache, k=32))
+    _run(_cached_link(tmp_path / "d", cache, k=32, text=text))
   assert str(e.value) == (f"{cache}: a teacher cache built for other settings (k 64 -> 32); "
                           "delete it or set another teacher_cache.dir")
   files[6].write_bytes(files[6].read_bytes()[:100])
   with pytest.raises(ValueError) as e:
-    _run(_cached_link(tmp_path / "e", cache))
+    _run(_cached_link(tmp_path / "e", cache, text=text))
   assert str(e.value).startswith(f"{files[6]}: damaged or missing teacher-cache file (")
+  with text.open("a") as f:  # The same path, edited: other training tokens.
+    f.write("One more paragraph of training text, added after the cache was built.\n")
+  with pytest.raises(ValueError) as e:
+    _run(_cached_link(tmp_path / "f", cache, text=text))
+  assert str(e.value).startswith(f"{cache}: a teacher cache built for other settings (data ")
+
+
+def test_the_cache_key_follows_the_data_and_teachers_content_not_how_tokens_are_made(tmp_path):
+  text, teacher = tmp_path / "train.txt", tmp_path / "teacher"
+  text.write_text("Some training text.\n")
+  teacher.mkdir()
+  (teacher / "model.safetensors").write_bytes(b"w" * 64)
+  (teacher / "config.json").write_text("{}")
+  config = _cached_link(tmp_path / "run", tmp_path / "cache", text=text)
+
+  def key():
+    return teacher_cache.cache_key(config.chain[0], config.data, str(teacher), "tokenizer-fp")
+
+  base = key()
+  config.data.update(dict(tokenize_workers=4, cache_shared=False, tokenize_timeout_s=60,
+                          cache_dir=str(tmp_path / "elsewhere"), heldout_split="test"))
+  (teacher / "tokenizer.json").write_text("{}")  # Not the weights.
+  assert key() == base
+  with text.open("a") as f:
+    f.write("More text.\n")
+  edited = key()
+  assert edited["data"] != base["data"] and dict(edited, data=0) == dict(base, data=0)
+  config.data.seed += 1
+  assert key()["data"] != edited["data"]
+  stamp = (teacher / "model.safetensors").stat().st_mtime + 10
+  os.utime(teacher / "model.safetensors", (stamp, stamp))  # Rewritten: same size, new time.
+  assert key()["teacher"] != base["teacher"]
