@@ -68,10 +68,10 @@ def speed(args) -> dict:
   variants = {"live": (make_train_step(student, teacher, opt, loss, mesh), t_params, batch)}
   for k in map(int, args.ks.split(",")):
     topk = teacher_cache.make_topk(teacher, k, 1.0, 2048, mesh, ())
-    idx, logp = jax.device_get(topk(t_params, batch["ids"]))
+    idx, logp, rest = jax.device_get(topk(t_params, batch["ids"]))
     variants[f"cached k={k}"] = (teacher_cache.make_cached_step(student, opt, loss, mesh, (),
                                                                 None), None,
-                                 dict(batch, t_idx=idx, t_logp=logp))
+                                 dict(batch, t_idx=idx, t_logp=logp, t_rest=rest))
   init = make_init_state(student, opt, mesh)
   states = {name: init(init_host_params(student, 1)) for name in variants}
   times = {name: [] for name in variants}

@@ -13,7 +13,6 @@ checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -249,12 +248,8 @@ class CachedKDLink(KDLink):
     self.folder = Path(os.path.expanduser(spec["dir"]) if spec["dir"]
                        else run.workdir / "teacher_cache" / run.link.name)
     link = run.link
-    teacher_cache.check_index(self.folder, {
-        "teacher": str(run.teacher_path), "k": spec["k"], "dtype": spec["dtype"],
-        "temperature": float(link.loss.temperature), "seq_len": int(link.seq_len),
-        "batch_size": int(link.batch_size), "microbatches": int(link.microbatches),
-        "processes": jax.process_count(), "tokenizer": data.tokenizer_fingerprint(
-            self.tokenizer()), "data": json.loads(run.config.data.to_json())})
+    teacher_cache.check_index(self.folder, teacher_cache.cache_key(
+        link, run.config.data, run.teacher_path, data.tokenizer_fingerprint(self.tokenizer())))
     self.train_step = teacher_cache.make_cached_step(student, optimizer, self.loss, mesh, rules,
                                                      schedule)
     topk = teacher_cache.make_topk(teacher, spec["k"], float(link.loss.temperature),

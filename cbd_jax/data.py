@@ -128,6 +128,24 @@ def _stamp(files: Sequence[str]) -> list:
   return [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
 
 
+# Data fields that do not change which tokens a link trains on: where and how fast they are made,
+# and which text is held out (never trained on; only whether one is given matters).
+_NOT_TRAINING_TOKENS = ("cache_dir", "cache_shared", "tokenize_workers", "tokenize_timeout_s",
+                        "stream_snapshot_every", "heldout", "heldout_config", "heldout_split")
+
+
+def training_tokens_key(data_cfg) -> dict:
+  """What decides the training tokens, by content: the data fields that change them, with local
+  training files as [path, size, mtime] (an edited file changes it) and the held-out text as
+  whether one is given (without one, the training text's tail is held out)."""
+  fields = {k: v for k, v in data_cfg.to_dict().items() if k not in _NOT_TRAINING_TOKENS}
+  files = resolve_files(data_cfg.train)
+  if files is not None:  # Local files (read whole or streamed); a hub name stays as it is.
+    fields["train"] = _stamp(files)
+  fields["heldout_given"] = bool(data_cfg.get("heldout"))
+  return json.loads(json.dumps(fields, default=str))
+
+
 def load_tokens(source: str, tokenizer, cache_dir: str | os.PathLike, text_field: str = "text",
                 *, process_index: int = 0, shared: bool = True, workers: int = 0,
                 timeout_s: float = 6 * 3600,

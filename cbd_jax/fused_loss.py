@@ -7,10 +7,16 @@ of the inputs), so the backward pass is a scaling and the total matmul work equa
 forward  z_s, z_t;  gradient  dz_s W_s, dz_s^T h_s.
 
 Values and gradients equal ``losses.kd_loss_sum`` / ``losses.cross_entropy_sum`` on the full
-logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient. Matmuls take the inputs'
-own dtype with fp32 accumulation (exact products for bf16 inputs); all loss maths is fp32. Chunks
-are [B, chunk_size // B] slabs of sequence positions, so a batch-sharded hidden state and a
-vocab- or model-sharded head keep their shardings under ``jax.jit``.
+logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient, and so do the
+temperature and the loss weights, which are therefore static Python floats (a traced one is
+refused). Matmuls take the inputs' own dtype with fp32 accumulation (exact products for bf16
+inputs); all loss maths is fp32.
+
+Chunks are [B, C] slabs of sequence positions with ``chunk_size`` counted per device: traced under
+a mesh (``jax.set_mesh`` / ``use_abstract_mesh``, as the train steps are) whose batch axes split B
+n ways, each device holds B / n rows, so C = chunk_size // (B / n) and every device multiplies
+``chunk_size`` tokens per chunk, whatever the number of devices. A batch-sharded hidden state and
+a vocab- or model-sharded head keep their shardings under ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax import losses
-from cbd_jax.sharding import constrain_batch
+from cbd_jax.sharding import batch_shards, constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +38,9 @@ class _Spec:
 
   teacher: str  # "none" | "dense" | "topk"
   use_ce: bool
+  temperature: float = 1.0
+  kd_weight: float = 1.0
+  ce_weight: float = 0.0
   kind: str = "fkl"
   vocab_limit: int | None = None
   skew: float = 0.1
@@ -50,7 +59,7 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   """(kd_weight * kd_sum + ce_weight * ce_sum, (kd_sum, ce_sum)) over one chunk."""
   z_BxCxV = constrain_batch(_logits(h_BxCxD, w_VxD))
   kd_sum = ce_sum = jnp.zeros((), jnp.float32)
-  t = consts["temperature"]
+  t = spec.temperature
   if spec.teacher == "dense":
     zt_BxCxV = constrain_batch(
         jax.lax.stop_gradient(_logits(tok["teacher_hidden"], consts["teacher_head"])))
@@ -60,12 +69,12 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   elif spec.teacher == "topk":
     per = losses.kd_topk_per_token(z_BxCxV, tok["teacher_indices"], tok["teacher_logprobs"],
                                    spec.kind, t, spec.vocab_limit, spec.missing, spec.skew,
-                                   spec.beta)
+                                   spec.beta, tok.get("teacher_rest"))
     kd_sum = losses.weighted_sum(per, tok["mask"])[0]
   if spec.use_ce:
     per = losses.cross_entropy_per_token(z_BxCxV, tok["labels"], spec.vocab_limit)
     ce_sum = losses.weighted_sum(per, tok["ce_mask"])[0]
-  objective = consts["kd_weight"] * kd_sum + consts["ce_weight"] * ce_sum
+  objective = spec.kd_weight * kd_sum + spec.ce_weight * ce_sum
   return objective, (kd_sum, ce_sum)
 
 
@@ -127,6 +136,23 @@ def _to_chunks(x_BxT, num_chunks: int, chunk_len: int, fill=0):
   return constrain_batch(jnp.moveaxis(x, 1, 0), 1)
 
 
+def chunk_positions(b: int, t: int, chunk_size: int) -> int:
+  """Sequence positions per chunk of a [b, t] batch: ``chunk_size`` tokens per device, i.e.
+  chunk_size // (b / n) for the n batch shards of the mesh traced under (n = 1 outside one)."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be positive")
+  rows_per_device = max(1, b // batch_shards(b))
+  return max(1, min(t, chunk_size // rows_per_device))
+
+
+def _static(name: str, value) -> float:
+  """``value`` as a Python float; a traced value is refused (its gradient would be zero)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"fused loss: {name} is a traced value; pass a Python float (it is static: "
+                    "the loss is compiled for it and not differentiated with respect to it)")
+  return float(value)
+
+
 def _check_head(name: str, hidden, head_VxD):
   if hidden.ndim != 3:
     raise ValueError(f"{name} hidden must be [batch, seq, dim], got shape {hidden.shape}")
@@ -137,15 +163,19 @@ def _check_head(name: str, hidden, head_VxD):
 
 def _teacher_inputs(hidden_BxTxD, head_VxD, topk, student_btv, chunks, tok, consts) -> str:
   """Adds the teacher's chunked inputs to ``tok`` / ``consts``; returns its kind: "topk"
-  (``topk = (indices, logprobs)``), "dense" (hidden states and head) or "none"."""
+  (``topk = (indices, logprobs, rest)``), "dense" (hidden states and head) or "none"."""
   b, t, num_v = student_btv
   if topk is not None:
-    indices, logprobs = topk
+    indices, logprobs, *rest = topk
     if indices.shape[:2] != (b, t) or indices.shape != logprobs.shape:
       raise ValueError(f"teacher top-k arrays {indices.shape} / {logprobs.shape} must be "
                        f"[{b}, {t}, k]")
     tok["teacher_indices"] = chunks(indices.astype(jnp.int32))
     tok["teacher_logprobs"] = chunks(logprobs)
+    if rest and rest[0] is not None:
+      if rest[0].shape != (b, t):
+        raise ValueError(f"teacher top-k rest {rest[0].shape} must be [{b}, {t}]")
+      tok["teacher_rest"] = chunks(rest[0])
     return "topk"
   if hidden_BxTxD is None:
     return "none"
@@ -168,25 +198,22 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
   """(kd_weight * KD_sum + ce_weight * CE_sum, metrics) from hidden states, chunked.
 
   The teacher is either dense (``teacher_hidden_BxTxD`` with ``teacher_head_VxD``) or top-k
-  (``teacher_topk = (indices, logprobs)`` from ``losses.topk_teacher``) or absent (CE only).
-  ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts ``kd_count``,
-  ``ce_count`` (CE also drops labels < 0). Weights and temperature may be traced scalars.
+  (``teacher_topk = (indices, logprobs, rest)``, ``losses.topk_teacher``'s outputs) or absent (CE
+  only). ``metrics`` holds ``kd_sum``, ``ce_sum`` (gradient-free) and their token counts
+  ``kd_count``, ``ce_count`` (CE also drops labels < 0). ``temperature``, ``kd_weight`` and
+  ``ce_weight`` are Python floats (static); ``chunk_size`` is tokens per device (see above).
   """
   _check_head("student", student_hidden_BxTxD, student_head_VxD)
   losses.check_kind(kind, skew, beta)
   b, t, _ = student_hidden_BxTxD.shape
   num_v = student_head_VxD.shape[0]
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size={chunk_size} must be positive")
-  chunk_len = max(1, min(t, chunk_size // b))
+  chunk_len = chunk_positions(b, t, chunk_size)
   num_chunks = -(-t // chunk_len)
   chunks = functools.partial(_to_chunks, num_chunks=num_chunks, chunk_len=chunk_len)
 
   weights_BxT = losses.token_weights((b, t), mask)
   tok = {"mask": chunks(weights_BxT)}
-  consts = {"temperature": jnp.asarray(temperature, jnp.float32),
-            "kd_weight": jnp.asarray(kd_weight, jnp.float32),
-            "ce_weight": jnp.asarray(ce_weight, jnp.float32)}
+  consts = {}
   teacher = _teacher_inputs(teacher_hidden_BxTxD, teacher_head_VxD, teacher_topk, (b, t, num_v),
                             chunks, tok, consts)
   use_ce = labels_BxT is not None
@@ -197,7 +224,9 @@ def fused_distill_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_Bx
     ce_weights_BxT = losses.label_weights(labels_BxT, mask)
     tok["labels"] = chunks(labels_BxT.astype(jnp.int32), fill=-1)
     tok["ce_mask"] = chunks(ce_weights_BxT)
-  spec = _Spec(teacher, use_ce, kind, vocab_limit, skew, beta, missing)
+  spec = _Spec(teacher, use_ce, _static("temperature", temperature),
+               _static("kd_weight", kd_weight), _static("ce_weight", ce_weight), kind,
+               vocab_limit, skew, beta, missing)
   objective, kd_sum, ce_sum = _fused_sums(spec, chunks(student_hidden_BxTxD), student_head_VxD,
                                           tok, consts)
   metrics = {"kd_sum": jax.lax.stop_gradient(kd_sum), "ce_sum": jax.lax.stop_gradient(ce_sum),
@@ -220,12 +249,13 @@ def fused_kd_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_BxTxD, 
 def fused_kd_loss_topk(student_hidden_BxTxD, student_head_VxD, teacher_indices,
                        teacher_logprobs, kind: str = "fkl", temperature=1.0, mask=None,
                        vocab_limit: int | None = None, chunk_size: int = 1024,
-                       missing: str = "tail", skew: float = 0.1, beta: float = 0.5):
+                       missing: str = "tail", skew: float = 0.1, beta: float = 0.5,
+                       teacher_rest=None):
   """(sum, count) of the top-k KD loss (``losses.kd_loss_topk_sum``), chunked."""
   objective, metrics = fused_distill_loss(
       student_hidden_BxTxD, student_head_VxD, kind=kind, temperature=temperature, mask=mask,
       vocab_limit=vocab_limit, chunk_size=chunk_size, missing=missing, skew=skew, beta=beta,
-      teacher_topk=(teacher_indices, teacher_logprobs))
+      teacher_topk=(teacher_indices, teacher_logprobs, teacher_rest))
   return objective, metrics["kd_count"]
 
 

@@ -172,30 +172,47 @@ def cross_entropy(logits, labels, mask=None, vocab_limit: int | None = None):
 # ------------------------------------------------------------------------------------------------
 # Sparse teacher input: top-k teacher log-probabilities.
 #
-# A teacher cached as its k most likely tokens leaves a missing mass 1 - sum_k p_i. Policies:
+# A teacher cached as its k most likely tokens leaves a missing mass, p_rest = sum_{j not in top-k}
+# p_j. ``topk_teacher`` returns its log, computed from the teacher's full log-probabilities (a
+# log-sum-exp over the tail), never as 1 - sum_k p_i: that difference cancels to 0 or below for a
+# confident teacher (and more so once the top-k is stored in fp16 / bf16), and a zero tail makes
+# the reverse KL of the tail bucket infinite. Policies:
 #   "tail"        (default) the missing mass becomes one extra "rest of the vocabulary" bucket on
-#                 both sides: p_rest = 1 - sum_k p_i, q_rest = sum_{j not in top-k} q_j (computed
-#                 from the student's logits, not by subtraction). The divergence is exact between
-#                 these (k+1)-bucket distributions; for KL it is a lower bound of the dense KL
-#                 (data processing) and it keeps pushing student mass off the tail.
+#                 both sides: log p_rest as given, q_rest = sum_{j not in top-k} q_j (computed
+#                 from the student's logits, not by subtraction). The teacher's k + 1 buckets are
+#                 renormalised (a no-op up to rounding; it absorbs the rounding of stored values),
+#                 and the divergence is exact between these (k+1)-bucket distributions; for KL it
+#                 is a lower bound of the dense KL (data processing) and it keeps pushing student
+#                 mass off the tail.
 #   "renormalize" both sides are renormalised over the teacher's top-k tokens and compared there;
-#                 the student's mass outside the top-k is not penalised.
+#                 the student's mass outside the top-k is not penalised (p_rest is not used).
 # Both equal the dense loss when k covers the whole (real) vocabulary.
 # ------------------------------------------------------------------------------------------------
 
 
 def topk_teacher(teacher_logits, k: int, temperature=1.0, vocab_limit: int | None = None):
-  """(indices int32 [..., k], log p_i fp32 [..., k]): top-k of p = softmax(z / T), full-vocab."""
+  """(indices int32 [..., k], log p_i fp32 [..., k], log p_rest fp32 [...]): the top-k of
+  p = softmax(z / T) over the full vocabulary and the log of the mass outside it (-1e30 when the
+  top-k holds every real token)."""
   logp = log_softmax(teacher_logits, temperature, vocab_limit)
   n_real = vocab_limit or logp.shape[-1]
   if not 0 < k <= n_real:
     raise ValueError(f"k={k} must lie in [1, {n_real}] (the real vocabulary size)")
   values, indices = jax.lax.top_k(logp, k)
-  return indices.astype(jnp.int32), values
+  indices = indices.astype(jnp.int32)
+  return indices, values, _logsumexp_outside(logp, indices)[..., 0]
 
 
-def _topk_buckets(student_logits, teacher_indices, teacher_logprobs, temperature, vocab_limit,
-                  missing: str):
+def _logsumexp_outside(logp_full, idx):
+  """log sum_{j not in idx} exp(logp_full[..., j]), shape [..., 1]; at least -1e30."""
+  in_topk = jnp.zeros(logp_full.shape, bool)
+  in_topk = jnp.put_along_axis(in_topk, idx, True, axis=-1, inplace=False)
+  rest = jax.nn.logsumexp(jnp.where(in_topk, _MASKED_LOGIT, logp_full), axis=-1, keepdims=True)
+  return jnp.maximum(rest, _MASKED_LOGIT)
+
+
+def _topk_buckets(student_logits, teacher_indices, teacher_logprobs, teacher_rest, temperature,
+                  vocab_limit, missing: str):
   """(log p, log q) over the buckets the missing-mass policy compares."""
   if missing not in MISSING_MASS_POLICIES:
     raise ValueError(f"unknown missing-mass policy {missing!r}; choose {MISSING_MASS_POLICIES}")
@@ -215,36 +232,43 @@ def _topk_buckets(student_logits, teacher_indices, teacher_logprobs, temperature
             lq - jax.nn.logsumexp(lq, axis=-1, keepdims=True))
   if k >= (vocab_limit or num_v):  # No tail: the top-k already covers every real token.
     return lp, lq
-  p_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(lp), axis=-1, keepdims=True), 0.0, 1.0)
-  lp_rest = jnp.maximum(jnp.log(p_rest), _MASKED_LOGIT)
-  lead = lq_full.shape[:-1]
-  in_topk = jnp.zeros(lead + (num_v,), bool)
-  in_topk = jnp.put_along_axis(in_topk, idx, True, axis=-1, inplace=False)
-  lq_rest = jax.nn.logsumexp(jnp.where(in_topk, _MASKED_LOGIT, lq_full), axis=-1, keepdims=True)
-  return jnp.concatenate([lp, lp_rest], -1), jnp.concatenate([lq, lq_rest], -1)
+  if teacher_rest is None:
+    raise ValueError("missing='tail' needs teacher_rest, the log of the teacher's mass outside "
+                     "its top-k (the third output of losses.topk_teacher); or use "
+                     "missing='renormalize'")
+  if teacher_rest.shape != teacher_indices.shape[:-1]:
+    raise ValueError(f"teacher_rest {teacher_rest.shape} must have the teacher's token shape "
+                     f"{teacher_indices.shape[:-1]}")
+  lp_rest = jnp.maximum(jax.lax.stop_gradient(teacher_rest.astype(jnp.float32)), _MASKED_LOGIT)
+  lp_b = jnp.concatenate([lp, lp_rest[..., None]], -1)
+  lp_b = lp_b - jax.nn.logsumexp(lp_b, axis=-1, keepdims=True)
+  return lp_b, jnp.concatenate([lq, _logsumexp_outside(lq_full, idx)], -1)
 
 
 def kd_topk_per_token(student_logits, teacher_indices, teacher_logprobs, kind: str = "fkl",
                       temperature=1.0, vocab_limit: int | None = None, missing: str = "tail",
-                      skew: float = 0.1, beta: float = 0.5):
-  """T**2 * D(p, q) per token over the buckets of the missing-mass policy (see above)."""
-  lp, lq = _topk_buckets(student_logits, teacher_indices, teacher_logprobs, temperature,
-                         vocab_limit, missing)
+                      skew: float = 0.1, beta: float = 0.5, teacher_rest=None):
+  """T**2 * D(p, q) per token over the buckets of the missing-mass policy (see above);
+  ``teacher_rest`` is log p_rest [...] (``topk_teacher``'s third output)."""
+  lp, lq = _topk_buckets(student_logits, teacher_indices, teacher_logprobs, teacher_rest,
+                         temperature, vocab_limit, missing)
   return temperature**2 * divergence_from_logprobs(lp, lq, kind, skew, beta)
 
 
 def kd_loss_topk_sum(student_logits, teacher_indices, teacher_logprobs, kind: str = "fkl",
                      temperature=1.0, mask=None, vocab_limit: int | None = None,
-                     missing: str = "tail", skew: float = 0.1, beta: float = 0.5):
+                     missing: str = "tail", skew: float = 0.1, beta: float = 0.5,
+                     teacher_rest=None):
   """(sum_t w_t T**2 D_t, sum_t w_t) from top-k teacher log-probs made at the same T."""
   per = kd_topk_per_token(student_logits, teacher_indices, teacher_logprobs, kind, temperature,
-                          vocab_limit, missing, skew, beta)
+                          vocab_limit, missing, skew, beta, teacher_rest)
   return weighted_sum(per, token_weights(per.shape, mask))
 
 
 def kd_loss_topk(student_logits, teacher_indices, teacher_logprobs, kind: str = "fkl",
                  temperature=1.0, mask=None, vocab_limit: int | None = None,
-                 missing: str = "tail", skew: float = 0.1, beta: float = 0.5):
+                 missing: str = "tail", skew: float = 0.1, beta: float = 0.5, teacher_rest=None):
   """Token-weighted mean of the top-k KD loss (``kd_loss_topk_sum`` divided)."""
   return mean_from_sum(*kd_loss_topk_sum(student_logits, teacher_indices, teacher_logprobs, kind,
-                                         temperature, mask, vocab_limit, missing, skew, beta))
+                                         temperature, mask, vocab_limit, missing, skew, beta,
+                                         teacher_rest))

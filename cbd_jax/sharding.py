@@ -203,6 +203,15 @@ def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(*entries))
 
 
+def batch_shards(size: int) -> int:
+  """How many ways ``constrain_batch`` splits an axis of ``size`` examples under the mesh being
+  traced under: the product of the batch axes that divide it (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return 1
+  return math.prod(mesh.shape[a] for a in _axes(_fit_spec(batch_spec(1), (size,), mesh)))
+
+
 def heads_spec(shape: tuple[int, ...], mesh) -> P:
   """[B, T, H, hd] activations: examples over (data, fsdp), heads over ``tensor``, fitted."""
   return _fit_spec(P(BATCH_AXES, None, "tensor", None), tuple(shape), mesh)

@@ -47,8 +47,8 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       # of the link's training text, layers dropped by re-measured block influence.
       shrink="activation", shrink_layers="greedy", calib_tokens=2048,
       steps=0, tokens=tokens,
-      # chunk_size: tokens per fused head-and-loss chunk; 256 runs this chain ~1.9x faster on
-      # CPU than 2,048 (benchmarks/RESULTS.md); on a GPU use 4,096 or more.
+      # chunk_size: tokens per device per fused head-and-loss chunk; 256 runs this chain ~1.9x
+      # faster on CPU than 2,048 (benchmarks/RESULTS.md); on a GPU or TPU chip use 4,096 or more.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=256,
                 # Hidden-state distillation, off (see cbd_jax.hidden_bridge); turn it on with
                 # --config.chain[i].loss.hidden_weight=1.0 --config.chain[i].loss.hidden_kind=cosine

@@ -1,11 +1,18 @@
 """KD losses against a float64 numpy reference, their math properties, masks and top-k input."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from cbd_jax import losses
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kd_reference as ref  # noqa: E402
 
 B, T, V = 3, 7, 19
 LIMIT = 16
@@ -162,15 +169,16 @@ def test_bfloat16_logits_are_computed_in_float32():
 @pytest.mark.parametrize("kind", losses.KINDS)
 def test_topk_with_k_equal_to_vocab_equals_dense(kind, missing):
   s, t = _logits(22), _logits(23)
-  idx, logp = losses.topk_teacher(t, LIMIT, 1.5, LIMIT)
-  got = losses.kd_loss_topk(s, idx, logp, kind, 1.5, None, LIMIT, missing)
+  idx, logp, rest = losses.topk_teacher(t, LIMIT, 1.5, LIMIT)
+  assert (np.asarray(rest) <= -1e29).all()  # Nothing outside a top-k of the whole vocabulary.
+  got = losses.kd_loss_topk(s, idx, logp, kind, 1.5, None, LIMIT, missing, teacher_rest=rest)
   np.testing.assert_allclose(got, losses.kd_loss(s, t, kind, 1.5, None, LIMIT), rtol=1e-5)
 
 
 def test_topk_tail_policy_is_the_bucketed_kl():
   s, t = _logits(24), _logits(25)
   k = 4
-  idx, logp = losses.topk_teacher(t, k, 1.0, LIMIT)
+  idx, logp, rest = losses.topk_teacher(t, k, 1.0, LIMIT)
   lq, lp = _ref_logsoftmax(s, 1.0, LIMIT), _ref_logsoftmax(t, 1.0, LIMIT)
   order = np.argsort(-lp, -1)[..., :k]
   np.testing.assert_array_equal(np.sort(idx, -1), np.sort(order, -1))
@@ -179,7 +187,8 @@ def test_topk_tail_policy_is_the_bucketed_kl():
   p_b = np.concatenate([p_k, 1 - p_k.sum(-1, keepdims=True)], -1)
   q_b = np.concatenate([q_k, 1 - q_k.sum(-1, keepdims=True)], -1)
   want = (p_b * np.log(p_b / q_b)).sum(-1).mean()
-  got = losses.kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "tail")
+  np.testing.assert_allclose(rest, np.log(1 - p_k.sum(-1)), rtol=1e-5)
+  got = losses.kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "tail", teacher_rest=rest)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert float(got) <= float(losses.kd_loss(s, t, "fkl", 1.0, None, LIMIT)) + 1e-6
   p_r, q_r = p_k / p_k.sum(-1, keepdims=True), q_k / q_k.sum(-1, keepdims=True)
@@ -206,6 +215,42 @@ def test_bad_arguments_raise_one_line_errors():
   with pytest.raises(ValueError, match="k=40"):
     losses.topk_teacher(t, 40)
   with pytest.raises(ValueError, match="missing-mass policy"):
-    losses.kd_loss_topk(s, *losses.topk_teacher(t, 3), missing="drop")
+    losses.kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2], missing="drop")
+  with pytest.raises(ValueError, match="^missing='tail' needs teacher_rest, the log of the "):
+    losses.kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2])
   with pytest.raises(ValueError, match="beta"):
     losses.kd_loss(s, t, "jsd", beta=1.5)
+
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _confident(seed, shape=(B, T, V)):
+  """Teacher logits whose top token holds all but about 1e-9 of the mass (one in five tokens
+  less sure, around 1e-3 left outside the top-k)."""
+  z = _logits(seed, 1.0, shape)
+  gap = np.where(np.arange(shape[0] * shape[1]).reshape(shape[:2]) % 5 == 0, 9.0, 25.0)
+  return z.at[..., 3].add(gap)
+
+
+def test_topk_rest_is_the_tail_mass_where_one_minus_the_sum_cancels():
+  t = _confident(30)
+  idx, logp, rest = losses.topk_teacher(t, 4, 1.0, LIMIT)
+  want = ref.tail_logprob(t, np.argsort(-_ref_logsoftmax(t, 1.0, LIMIT))[..., :4], 1.0, LIMIT)
+  assert (1 - np.exp(np.asarray(logp)).sum(-1) <= 0).any()  # fp32 cancels some tails to 0.
+  np.testing.assert_allclose(rest, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_topk_loss_from_stored_values_is_finite_and_matches_float64(kind, dtype):
+  """A confident teacher's top-k stored in fp32 / fp16 / bf16 (its mass rounds to >= 1) with its
+  tail: the loss is the float64 one of the same buckets (the tail renormalised with them)."""
+  s, t = _logits(31), _confident(32)
+  idx, logp, rest = losses.topk_teacher(t, 4, 0.8, LIMIT)
+  stored = np.asarray(logp).astype(DTYPES[dtype])
+  assert (np.exp(stored.astype(np.float32)).sum(-1) >= 1).any()
+  got = losses.kd_loss_topk(s, idx, jnp.asarray(stored.astype(np.float32)), kind, 0.8, None,
+                            LIMIT, skew=0.3, beta=0.35, teacher_rest=rest)
+  want = ref.kd_topk_per_token(s, idx, stored, rest, kind, 0.8, LIMIT, skew=0.3, beta=0.35)
+  np.testing.assert_allclose(got, want.mean(), rtol=1e-5)
