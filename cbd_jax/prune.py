@@ -44,7 +44,8 @@ def order_units(config: ModelConfig, params: dict, scores: dict[str, np.ndarray]
   by ``scores["D"]`` [D]; per layer, FFN neurons by ``F`` [L, F], kv groups by ``K`` [L, K] and
   the heads inside each group by ``H`` [L, H] (heads move with their group)."""
   flat = {k: np.array(v) for k, v in resize.check_params(config, params).items()}
-  align.permute_units(config, flat, "D", np.argsort(-scores["D"], kind="stable"))
+  if "D" in scores:
+    align.permute_units(config, flat, "D", np.argsort(-scores["D"], kind="stable"))
   group = config.num_heads // config.num_kv_heads
   for layer in range(config.num_layers):
     align.permute_units(config, flat, "F", np.argsort(-scores["F"][layer], kind="stable"), layer)
@@ -103,9 +104,13 @@ def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str =
     return out, info
   stats = importance.activation_stats(config, params, rows)
   scores = importance.activation_scores(config, params, rows, stats=stats)
+  if target.hidden_size >= config.hidden_size:  # Channels stay where they are (no cut).
+    scores = {k: v for k, v in scores.items() if k != "D"}
   ordered = order_units(config, params, scores)
   out = resize.resize(config, ordered, target, select="leading",
                       layer_map=resize.one_hot_map(kept))
+  if "D" in scores:
+    info["channels"] = np.argsort(-scores["D"], kind="stable")[:target.hidden_size].tolist()
   if rescale and target.hidden_size < config.hidden_size:
     channels = np.argsort(-scores["D"], kind="stable")[:target.hidden_size]
     out = rescale_norms(out, stats, channels, kept)
