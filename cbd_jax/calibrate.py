@@ -204,6 +204,8 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
     alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, choice_rows)
   elif alpha is None:
     alpha = interpolate.default_alpha(cs, cl, target)
+  if rows is not None and check_rows is None and r.gains:
+    log("one calibration row: no rows left to check residual gains on; none fitted")
   if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
     alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
     params, gain_info = _with_gains(target, views, alphas, r.mix_rule, (cl, pl), choice_rows,
