@@ -142,8 +142,14 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   info = {"layer_choice": "even", "large_layers": None}
   if not sets:
     return views_of(None), info
-  views = {n: views_of(v) for n, v in sets.items()}
-  scores = {n: interpolate.mixed_loss(target, v, 0.0, r.mix_rule, rows) for n, v in views.items()}
+  views, scores = {}, {}
+  for n, layers in sets.items():  # Choices that keep the same layers are built and scored once.
+    same = next((m for m in views if np.array_equal(sets[m], layers)), None)
+    if same is not None:
+      views[n], scores[n] = views[same], scores[same]
+      continue
+    views[n] = views_of(layers)
+    scores[n] = interpolate.mixed_loss(target, views[n], 0.0, r.mix_rule, rows)
   choice = min(scores, key=scores.get)
   log("large-anchor layers (calibration loss of Shrink(large)): " +
       ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
