@@ -75,18 +75,16 @@ def initialisations(small, large, target, calib_rows, log) -> dict:
 
 
 def run(args) -> dict:
-  from cbd_jax import heldout, hf_io, sizing
+  from cbd_jax import calib_data, heldout, hf_io, manifest, sizing
   from cbd_jax.config import num_params
-  from cbd_jax.target import chain_folders
 
   chain_dir = Path(args.chain)
   pairs = anchors_of(chain_dir)
   if len(pairs) < 2:
     raise SystemExit(f"{chain_dir}: fewer than two finished anchors; build the chain first")
-  _, train_text = chain_folders(chain_dir)
-  if train_text is None:
-    raise SystemExit(f"{chain_dir}: the chain's training text is not a local file; no "
-                     "calibration text")
+  calib_source = calib_data.of_chain(chain_dir, manifest.read(chain_dir), [pairs[0][0]])
+  if calib_source is None:
+    raise SystemExit(f"{chain_dir}: the manifest records no training data; no calibration text")
   text = Path(args.text) if args.text else None
   if text is None:
     from cbd_jax import assets
@@ -94,7 +92,7 @@ def run(args) -> dict:
   tokenizer = hf_io.load_tokenizer(str(pairs[0][1]))
   rows = heldout.load_token_rows(tokenizer, text, args.eval_tokens, args.seq_len,
                                  args.skip_tokens)
-  calib = heldout.load_token_rows(tokenizer, train_text, args.calib_tokens, 128)
+  calib = calib_data.load_rows(calib_source, tokenizer, args.calib_tokens)
   ppl = lambda cfg, p: math.exp(min(heldout.mean_nll(cfg, p, rows), 50.0))  # noqa: E731
   models = {name: hf_io.load_hf_numpy(path) for name, path in pairs}
   anchors = [{"name": n, "num_params": num_params(models[n][0]), "ppl": ppl(*models[n]),
@@ -119,7 +117,7 @@ def run(args) -> dict:
             flush=True)
   return {"chain": str(chain_dir), "heldout": {"file": str(text), "tokens": int(
       rows[:, 1:].size), "skip_tokens": args.skip_tokens}, "calibration": {
-          "file": str(train_text), "tokens": int(calib[:, 1:].size)},
+          "file": calib_source.name, "tokens": int(calib[:, 1:].size)},
           "anchors": anchors, "sizes": sizes, "goal": goal(anchors, sizes),
           "machine": f"{platform.node()} ({os.cpu_count()} CPUs), load {os.getloadavg()[0]:.1f}"}
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from cbd_jax import align, heldout, importance, interpolate, model, resize
 from cbd_jax.config import ModelConfig
+from cbd_jax.fused_loss import fused_kd_loss
 
 LAYER_CHOICES = ("even", "influence", "greedy")
 
@@ -109,16 +110,26 @@ def choose_alpha(target: ModelConfig, views, rule: str, ids_NxT: np.ndarray,
   return min(losses, key=losses.get), dict(sorted(losses.items()))
 
 
-def _split(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Calibration rows in two halves: one to fit residual gains on, one to check them on."""
-  half = max(1, len(rows) // 2)
-  return rows[:half], rows[half:] if len(rows) > 1 else rows
+def split_rows(rows: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(choice rows, check rows): the first half of the calibration rows makes every choice
+  (layers, alpha, residual gains); the second, never used for a choice, only decides whether the
+  gains are kept. One row: no check rows (and no gains)."""
+  if rows is None:
+    return None, None
+  half = (len(rows) + 1) // 2
+  return rows[:half], (rows[half:] if len(rows) > 1 else None)
 
 
 def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   """(views, info): the large anchor's layers kept, by Shrink(large)'s loss on ``rows`` when
-  calibrating and more than one choice is allowed; evenly spread otherwise."""
+  calibrating and more than one choice is allowed; evenly spread otherwise. An explicit
+  ``recipe.layers`` that needs rows (influence, greedy) and has none is a one-line ValueError."""
   r = recipe
+  if r.layers in ("influence", "greedy") and (rows is None or not r.align_layers):
+    why = ("--no_align_layers takes evenly spaced layers" if rows is not None else
+           "there are no calibration rows (--method paper, or --anchors without --calib_text)")
+    raise ValueError(f"layers={r.layers!r} ranks the large anchor's layers on calibration rows, "
+                     f"but {why}; pass --layers auto or even, or give --calib_text")
   sets = layer_sets(small, large, target, rows) if rows is not None and r.align_layers else {}
   if r.layers != "auto":
     sets = {r.layers: sets[r.layers]} if r.layers in sets else {}
@@ -131,8 +142,14 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   info = {"layer_choice": "even", "large_layers": None}
   if not sets:
     return views_of(None), info
-  views = {n: views_of(v) for n, v in sets.items()}
-  scores = {n: interpolate.mixed_loss(target, v, 0.0, r.mix_rule, rows) for n, v in views.items()}
+  views, scores = {}, {}
+  for n, layers in sets.items():  # Choices that keep the same layers are built and scored once.
+    same = next((m for m in views if np.array_equal(sets[m], layers)), None)
+    if same is not None:
+      views[n], scores[n] = views[same], scores[same]
+      continue
+    views[n] = views_of(layers)
+    scores[n] = interpolate.mixed_loss(target, views[n], 0.0, r.mix_rule, rows)
   choice = min(scores, key=scores.get)
   log("large-anchor layers (calibration loss of Shrink(large)): " +
       ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
@@ -140,31 +157,31 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   return views[choice], info
 
 
-def _calibrate_gains(target, params, large, rows, log) -> tuple[dict, dict]:
-  """Per-layer residual gains fitted on half the calibration rows towards the large anchor's
-  next-token distributions; kept only if they lower the target's own loss on the other half."""
-  fit_rows, check_rows = _split(rows)
-  gains, _ = fit_residual_gains(target, params, large, fit_rows)
-  gained = scale_outputs(params, gains)
-  before = heldout.mean_nll(target, params, check_rows)
-  after = heldout.mean_nll(target, gained, check_rows)
-  keep = after < before
-  log(f"residual gains: check loss {before:.4f} -> {after:.4f} ({'kept' if keep else 'dropped'})")
-  info = {"gains": gains.tolist() if keep else None, "gain_check_losses": [before, after],
-          "check_loss": min(before, after)}
-  return (gained if keep else params), info
-
-
-def _with_gains(target, views, alphas, rule, large, rows, log) -> tuple[dict, dict]:
-  """(params, info) of the best of the mixes at ``alphas``, each with its residual gains, by
-  the target's own loss on the held-back calibration rows."""
+def _with_gains(target, views, alphas, rule, large, rows, check_rows, log) -> tuple[dict, dict]:
+  """(params, info): per-layer residual gains fitted on ``rows`` towards the large anchor for
+  the mix at each of ``alphas`` (the calibrated alpha first), the best by the target's own loss
+  on ``rows``; kept only if they lower the target's loss on ``check_rows`` (used for nothing
+  else) below that of the mix at the calibrated alpha without gains."""
   best = None
   for alpha in alphas:
-    log(f"alpha = {alpha:.4f}:")
-    params, info = _calibrate_gains(target, interpolate.mix(views, alpha, rule), large, rows, log)
-    if best is None or info["check_loss"] < best[1]["check_loss"]:
-      best = (params, dict(info, alpha=alpha))
-  return best
+    mixed = interpolate.mix(views, alpha, rule)
+    gains, _ = fit_residual_gains(target, mixed, large, rows)
+    gained = scale_outputs(mixed, gains)
+    loss = heldout.mean_nll(target, gained, rows)
+    log(f"alpha = {alpha:.4f} with residual gains: calibration loss {loss:.4f}")
+    if best is None or loss < best[0]:
+      best = (loss, alpha, gains, gained)
+  _, alpha, gains, gained = best
+  plain = interpolate.mix(views, alphas[0], rule)
+  before = heldout.mean_nll(target, plain, check_rows)
+  after = heldout.mean_nll(target, gained, check_rows)
+  keep = after < before
+  log(f"residual gains (alpha = {alpha:.4f}): check loss {before:.4f} -> {after:.4f} "
+      f"({'kept' if keep else 'dropped'})")
+  info = {"alpha": alpha if keep else alphas[0], "gains": gains.tolist() if keep else None,
+          "gain_alpha": alpha, "fitted_gains": gains.tolist(),
+          "gain_check_losses": [before, after]}
+  return (gained if keep else plain), info
 
 
 def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
@@ -184,17 +201,21 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
   if r.align_units:
     pl, shrink = align.align_units(cs, ps, cl, pl, extras=r.shrink_method), "leading"
   rows = rows if r.method == "cbd" else None
-  views, info = _choose_views(small, (cl, pl), target, r, shrink, rows, log)
+  choice_rows, check_rows = split_rows(rows)
+  views, info = _choose_views(small, (cl, pl), target, r, shrink, choice_rows, log)
   info.update(method=r.method, rule=r.mix_rule,
               calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
   alpha = r.alpha
   if alpha is None and rows is not None:
-    alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, rows)
+    alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, choice_rows)
   elif alpha is None:
     alpha = interpolate.default_alpha(cs, cl, target)
-  if rows is not None and r.gains:  # Shrink(large) with gains competes with the best mix.
+  if rows is not None and check_rows is None and r.gains:
+    log("one calibration row: no rows left to check residual gains on; none fitted")
+  if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
     alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
-    params, gain_info = _with_gains(target, views, alphas, r.mix_rule, (cl, pl), rows, log)
+    params, gain_info = _with_gains(target, views, alphas, r.mix_rule, (cl, pl), choice_rows,
+                                    check_rows, log)
     info.update(gain_info)
   else:
     params, info["alpha"] = interpolate.mix(views, alpha, r.mix_rule), alpha
@@ -216,39 +237,45 @@ def scale_outputs(params: dict, scales_Lx2) -> dict:
   return resize.unflatten(flat)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _large_logprobs(config: ModelConfig, vocab: int, params, ids_BxT):
-  return jax.nn.log_softmax(model.forward(config, params, ids_BxT)[..., :vocab], axis=-1)
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden(config: ModelConfig, params, ids_BxT):
+  return model.apply_hidden(config, params, ids_BxT)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _kl_and_grad(config: ModelConfig, vocab: int, scales, params, ids_BxT, ref_logp_BxTxV):
-  """KL(reference || model with the residual gains), mean over tokens, and its gradient."""
+def _kl_and_grad(config: ModelConfig, chunk_size: int, scales, params, ids_BxT, ref_hidden_BxTxD,
+                 ref_head_VxD):
+  """KL(reference || model with the residual gains), mean over tokens, and its gradient; the
+  logits of either model exist for ``chunk_size`` tokens at a time (`fused_kd_loss`)."""
   def kl(s):
-    logits = model.forward(config, scale_outputs(params, s), ids_BxT)[..., :vocab]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return (jnp.exp(ref_logp_BxTxV) * (ref_logp_BxTxV - logp)).sum(-1).mean()
+    hidden, _ = model.apply_hidden(config, scale_outputs(params, s), ids_BxT)
+    total, count = fused_kd_loss(hidden, model.head_weight(config, params), ref_hidden_BxTxD,
+                                 ref_head_VxD, vocab_limit=config.vocab_limit,
+                                 chunk_size=chunk_size)
+    return total / count
   return jax.value_and_grad(kl)(scales)
 
 
 def fit_residual_gains(config: ModelConfig, params: dict, reference, ids_NxT: np.ndarray,
-                       steps: int = 30, lr: float = 0.05) -> tuple[np.ndarray, list[float]]:
+                       steps: int = 30, lr: float = 0.05, chunk_size: int = 256
+                       ) -> tuple[np.ndarray, list[float]]:
   """(gains [L, 2], KLs): per-layer gains of the attention and MLP outputs (Adam from 1.0,
   full batch) that bring the model's next-token distributions on ``ids`` towards those of
   ``reference`` (a ``(config, params)`` model of the same vocabulary: the large anchor); the
-  gains of the lowest KL seen."""
+  gains of the lowest KL seen. No [N, T, V] tensor: logits ``chunk_size`` tokens at a time."""
   import optax
 
-  vocab = config.vocab_limit
   ids = jnp.asarray(ids_NxT[:, :-1])
-  ref = _large_logprobs(reference[0], vocab, jax.device_put(reference[1]), ids)
+  ref_config, ref_params = reference[0], jax.device_put(reference[1])
+  ref_hidden = _hidden(ref_config, ref_params, ids)
+  ref_head = model.head_weight(ref_config, ref_params)
   params = jax.device_put(params)
   gains = jnp.ones((config.num_layers, 2), jnp.float32)
   opt = optax.adam(lr)
   state = opt.init(gains)
   best, kls = (np.asarray(gains), np.inf), []
   for _ in range(steps + 1):
-    kl, grad = _kl_and_grad(config, vocab, gains, params, ids, ref)
+    kl, grad = _kl_and_grad(config, chunk_size, gains, params, ids, ref_hidden, ref_head)
     kls.append(float(kl))
     if kls[-1] < best[1]:
       best = (np.asarray(gains), kls[-1])

@@ -136,16 +136,19 @@ def host_value(x) -> np.ndarray | None:
   return np.asarray(x)
 
 
-def check_ids(config: ModelConfig, ids, positions=None, new_tokens: int = 0) -> None:
-  """Host-side input check: a one-line ValueError for a token id outside [0, vocab_size), or a
-  GPT-2 sequence (plus ``new_tokens`` to generate) past its learned positions. Traced ids pass."""
+def check_ids(config: ModelConfig, ids, positions=None, new_tokens: int = 0,
+              vocab: int | None = None) -> None:
+  """Host-side input check: a one-line ValueError for a token id outside [0, vocab) (default
+  vocab_size; `vocab_limit` where ids are also next-token targets), or a GPT-2 sequence (plus
+  ``new_tokens`` to generate) past its learned positions. Traced ids pass."""
   ids = host_value(ids)
   if ids is None:
     return
-  if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-    where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= config.vocab_size))[0])
+  vocab = config.vocab_size if vocab is None else vocab
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab))[0])
     raise ValueError(f"token id {int(ids[where])} at index {list(where)} is outside the model's "
-                     f"vocabulary [0, {config.vocab_size}); encode the text with this model's "
+                     f"vocabulary [0, {vocab}); encode the text with this model's "
                      "own tokenizer (one whose size is at most the vocabulary)")
   if not config.is_gpt2:
     return

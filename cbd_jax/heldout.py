@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbd_jax import model
-from cbd_jax.config import ModelConfig
+from cbd_jax.config import ModelConfig, check_ids
 from cbd_jax.fused_loss import fused_cross_entropy
 
 
@@ -103,17 +103,17 @@ def total_nll(nll_fn, rows_NxT: np.ndarray, batch_size: int = 8) -> float:
   return total
 
 
-def check_ids(config: ModelConfig, rows: np.ndarray) -> None:
-  """Token ids must index the model's real vocabulary."""
-  if rows.size and (int(rows.max()) >= config.vocab_limit or int(rows.min()) < 0):
-    raise ValueError(f"token id {int(rows.max())} is outside the model's vocabulary "
-                     f"({config.vocab_limit}); evaluate with the model's own tokenizer")
+def check_rows(config: ModelConfig, rows_NxT: np.ndarray) -> None:
+  """Rows [N, T + 1] the model can score: every id a real token (`config.check_ids` with the
+  real vocabulary) and the T inputs within a GPT-2 model's learned positions."""
+  check_ids(config, rows_NxT, positions=np.arange(rows_NxT.shape[-1] - 1),
+            vocab=config.vocab_limit)
 
 
 def mean_nll(config: ModelConfig, params: dict, rows_NxT: np.ndarray, batch_size: int = 8
              ) -> float:
   """Mean next-token cross entropy (nats) of ``params`` on ``rows`` [N, T + 1]."""
-  check_ids(config, rows_NxT)
+  check_rows(config, rows_NxT)
   params = jax.tree.map(jnp.asarray, params)
   total = total_nll(functools.partial(nll_sum, config, params), rows_NxT, batch_size)
   return total / rows_NxT[:, 1:].size

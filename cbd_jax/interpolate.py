@@ -164,7 +164,7 @@ def mixed_loss(target_config: ModelConfig, views: Views, alpha: float, rule: str
                ids_NxT: np.ndarray, batch_size: int = 8, gamma: float | None = None) -> float:
   """`heldout_loss` of ``mix(views, alpha, rule)``, mixed inside one compiled function (no
   recompilation per alpha)."""
-  heldout.check_ids(target_config, ids_NxT)
+  heldout.check_rows(target_config, ids_NxT)
   gamma = 1.0 - alpha if gamma is None else gamma
   fn = functools.partial(_mixed_nll_sum, target_config, jnp.float32(alpha), jnp.float32(gamma),
                          rule, views)

@@ -52,14 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "(output), scale all its weights (plain), or take it whole; default: the "
                       "method's (cbd: output, paper: plain)")
   p.add_argument("--calib_text", default=None,
-                 help="unlabeled text to calibrate on (default: the chain's training text); "
-                      "never the --text file")
+                 help="unlabeled text to calibrate on: text, jsonl or parquet files or a hub "
+                      "dataset, read as training data (default: the chain's training data, its "
+                      "first batches); never the --text file")
   p.add_argument("--calib_tokens", type=int, default=2048, help="calibration tokens")
   p.add_argument("--text", default=None,
                  help="held-out plain-text file: perplexity of the target and both anchors")
   p.add_argument("--eval_tokens", type=int, default=8192,
                  help="tokens of --text to evaluate on")
-  p.add_argument("--seq_len", type=int, default=256, help="evaluation sequence length")
+  p.add_argument("--seq_len", type=int, default=None,
+                 help="evaluation sequence length (default: 256, or a GPT-2 anchor's learned "
+                      "positions when fewer; a longer one is refused)")
   p.add_argument("--shrink_method", default="leading", choices=("leading", "weight_norm"),
                  help="units kept from the large anchor beyond the small anchor's counterparts: "
                       "leading ones or largest weight norms (all units when --no_align_units)")
@@ -80,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.eval_tokens < 1:
     p.error(f"--eval_tokens={args.eval_tokens} must be >= 1")
-  if args.seq_len < 1:
+  if args.seq_len is not None and args.seq_len < 1:
     p.error(f"--seq_len={args.seq_len} must be >= 1")
   if args.calib_tokens < 1:
     p.error(f"--calib_tokens={args.calib_tokens} must be >= 1")

@@ -25,3 +25,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 assert jax.config.jax_default_matmul_precision == "highest"
+
+from skip_policy import (  # noqa: E402, F401  (pytest hooks: every skip is checked)
+  pytest_collectreport,
+  pytest_runtest_logreport,
+  pytest_sessionfinish,
+  pytest_terminal_summary,
+)

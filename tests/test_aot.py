@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
 
 from cbd_jax import aot  # noqa: E402
+from cbd_jax.config import num_params  # noqa: E402
 from cbd_jax.sharding import make_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +42,17 @@ def test_smoke_link_compiles_and_fits_on_v5e_2x2():
   assert report.fits and report.eval_fits and not report.error
   assert report.hbm == 16 * aot.GIB
   assert report.tokens_per_chip == 8 * 128 // 4
-  assert 0 < report.params < report.opt_state  # Adam: two fp32 moments per fp32 param.
-  assert report.temporaries > 0 and report.total > report.params + report.opt_state
-  assert report.flops > 0
+  # Data parallel: every chip holds the whole fp32 student, its two Adam moments (plus the two
+  # int32 step counts of Adam and the schedule) and the fp32 teacher.
+  (_, student, teacher), _ = aot.link_models(config)
+  student, teacher = num_params(student), num_params(teacher)
+  assert report.params == 4 * student and report.teacher == 4 * teacher
+  assert report.opt_state == 2 * report.params + 2 * 4
+  assert report.total >= report.params + report.opt_state + report.teacher + report.temporaries
+  # Weight matmuls of the step (2 microbatches): 6 N_student + 2 N_teacher per token.
+  assert report.model_flops == (6 * student + 2 * teacher) * 256 * 2
+  # XLA counts a loop body (layers, microbatches, loss chunks) once: fewer than the whole step.
+  assert report.model_flops / 20 < report.flops < report.model_flops
 
 
 def test_two_slices_make_a_hybrid_mesh_and_compile():

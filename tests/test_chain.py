@@ -33,16 +33,47 @@ def smoke(tmp_path_factory):
   return workdir, result
 
 
+def _heldout_kl(teacher, student, text_file, rows, seq_len) -> float:
+  """KL(teacher || student) at T = 1 over the real vocabulary, mean over the held-out positions
+  of the first ``rows`` rows (documents are lines, each followed by EOS, packed in order), from
+  PyTorch transformers' logits, in float64 numpy."""
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(str(student))
+  ids = []
+  for line in Path(text_file).read_text().split("\n"):
+    if line.strip():
+      ids += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if len(ids) >= rows * (seq_len + 1):
+      break
+  x = torch.tensor(ids[:rows * (seq_len + 1)]).reshape(rows, seq_len + 1)[:, :-1]
+  logp = []
+  for folder in (teacher, student):
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+      z = hf(x).logits.double().numpy()[..., :len(tok)]
+    z = z - z.max(-1, keepdims=True)
+    logp.append(z - np.log(np.exp(z).sum(-1, keepdims=True)))
+  lp, lq = logp
+  return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
 def test_smoke_chain_writes_manifest_metrics_and_anchors(smoke):
   workdir, result = smoke
   doc = json.loads((workdir / "chain.json").read_text())
   assert [a["name"] for a in doc["anchors"]] == ["anchor1", "anchor2"]
   counts = [doc["source"]["num_params"]] + [a["num_params"] for a in doc["anchors"]]
   assert counts == sorted(counts, reverse=True)  # Large to small.
+  teacher = Path(doc["source"]["path"])
   for anchor in doc["anchors"]:
     assert anchor["status"] == "done"
     assert anchor["tokens"] == 8 * 8 * 2 * 64  # steps * batch * microbatches * seq_len.
-    assert np.isfinite(anchor["eval"]["kl"]) and anchor["eval"]["kl"] >= 0
+    # The final held-out KL to its teacher (2 batches of 8 rows of 64), recomputed from PyTorch's
+    # logits of the two exported folders.
+    kl = _heldout_kl(teacher, workdir / anchor["path"], doc["config"]["data"]["heldout"], 16, 64)
+    assert anchor["eval"]["kl"] == pytest.approx(kl, rel=1e-4), anchor["name"]
+    teacher = workdir / anchor["path"]
     assert (workdir / anchor["path"] / "tokenizer.json").exists()
     rows = [json.loads(x) for x in (workdir / "metrics" / f"{anchor['name']}.jsonl").open()]
     assert any("train/loss" in r for r in rows) and any("eval/kl" in r for r in rows)

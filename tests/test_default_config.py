@@ -64,6 +64,48 @@ def test_train_chain_without_config_runs_the_default():
   assert first == "smollm2-70m" and tokens == "7"  # Overrides apply on top of the default.
 
 
+def _byte_of_char() -> dict[str, int]:
+  """The byte each character of a byte-level BPE piece stands for (GPT-2's table)."""
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1)]
+  cs, extra = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + extra)
+      extra += 1
+  return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _torch_quality(folder, text_file, tokens, seq_len) -> tuple[float, float]:
+  """(perplexity, bits per byte) of a Hugging Face folder in PyTorch transformers on the first
+  ``tokens`` tokens of the text (non-blank lines, each ending in a newline), in rows of
+  seq_len + 1; the bytes are those of the predicted tokens' byte-level pieces."""
+  import math
+
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(str(folder))
+  ids = []
+  for line in Path(text_file).read_text().split("\n"):
+    if line.strip():
+      ids += tok(line.strip() + "\n", add_special_tokens=False)["input_ids"]
+    if len(ids) >= tokens:
+      break
+  n = min(tokens, len(ids)) // (seq_len + 1)
+  rows = torch.tensor(ids[:n * (seq_len + 1)]).reshape(n, seq_len + 1)
+  hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+  with torch.no_grad():
+    logits = hf(rows[:, :-1]).logits.double()
+  nll = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                rows[:, 1:].reshape(-1), reduction="sum"))
+  byte_of = _byte_of_char()
+  pieces = tok.convert_ids_to_tokens(rows[:, 1:].reshape(-1).tolist())
+  num_bytes = sum(len(bytes(byte_of[c] for c in p)) for p in pieces)
+  return math.exp(nll / rows[:, 1:].numel()), nll / (math.log(2) * num_bytes)
+
+
 def _run(*args, timeout=600):
   start = time.time()
   env = user_env()
@@ -89,8 +131,10 @@ def test_smoke_chain_then_init_model_then_report(tmp_path):
   report = json.loads((workdir / "report.json").read_text())
   roles = [m["role"] for m in report["models"]]
   assert roles == ["source", "anchor", "anchor", "target"]
-  for m in report["models"]:
-    assert m["ppl"] > 1 and 0 < m["bpb"] < 40
+  for m in report["models"]:  # Each figure recomputed in PyTorch transformers from its folder.
+    ppl, bpb = _torch_quality(m["path"], report["heldout"]["file"], 256, 32)
+    assert m["ppl"] == pytest.approx(ppl, rel=1e-4), m["name"]
+    assert m["bpb"] == pytest.approx(bpb, rel=1e-4), m["name"]
   source, target = report["models"][0], report["models"][-1]
   assert source["ppl"] < 200  # The real teacher on real news text (about 45 at full length).
   assert target["tokens"] == 0 and target["teacher_flops"] == 0

@@ -53,8 +53,7 @@ def test_prompts_are_checked_on_the_host():
   params = cbd_jax.init_params(config, jax.random.key(2))
   prompt = jnp.array([[0, 0, 0, 5, 9, 11, 3, 4]])
   mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
-  tokens, _ = generate(config, params, prompt, mask, jax.random.key(1), 11)  # 5 + 11 = 16 fits.
-  assert tokens.shape == (1, 11) and int(tokens.max()) < 32
+  # 5 + 11 = 16 tokens fit: test_greedy_generation_equals_transformers_generate runs that.
   with pytest.raises(ValueError) as e:
     generate(config, params, prompt, mask, jax.random.key(1), 12)
   assert str(e.value) == ("a sequence of 17 tokens (12 of them to generate) is longer than this "
@@ -64,3 +63,30 @@ def test_prompts_are_checked_on_the_host():
     generate(config, params, prompt.at[0, 4].set(32), mask, jax.random.key(1), 4)
   assert str(e.value).startswith("token id 32 at index [0, 4] is outside the model's vocabulary "
                                  "[0, 32)")
+
+
+def test_greedy_generation_equals_transformers_generate(tmp_path):
+  """A GPT-2 (learned positions, left-padded prompts, all 16 positions used) written as a Hugging
+  Face folder: greedy decoding gives the tokens PyTorch transformers' generate gives on the
+  unpadded prompt."""
+  import torch
+  import transformers
+
+  from cbd_jax import hf_io
+
+  config = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=2, num_heads=2,
+                       num_kv_heads=2, head_dim=16, intermediate_size=128, tie_embeddings=True,
+                       max_position_embeddings=16)
+  params = cbd_jax.init_params(config, jax.random.key(5))
+  params = jax.tree.map(lambda a: a * 20 if a.ndim > 2 else a, params)  # Peaked distributions.
+  hf_io.save_hf(config, params, tmp_path)
+  prompt = jnp.array([[0, 0, 0, 5, 9, 11, 3, 4], [0, 0, 0, 7, 1, 2, 30, 8]])
+  mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]])
+  tokens, _ = generate(config, params, prompt, mask, jax.random.key(1), 11, temperature=0.0)
+  assert tokens.shape == (2, 11)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  for row in range(2):
+    real = torch.as_tensor(np.asarray(prompt[row])[np.asarray(mask[row]).astype(bool)])[None]
+    want = hf.generate(real, attention_mask=torch.ones_like(real), max_new_tokens=11,
+                       min_new_tokens=11, do_sample=False, pad_token_id=0)
+    assert np.asarray(tokens[row]).tolist() == want[0, real.shape[1]:].tolist(), row
