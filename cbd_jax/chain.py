@@ -120,7 +120,7 @@ def _check_hidden(loss, where: str) -> None:
   if not loss.get("hidden_weight"):
     return
   allowed = {"hidden_kind": hidden_bridge.HIDDEN_LOSSES,
-             "hidden_layers": ("uniform", "last", "kept"), "projector": ("identity", "orthogonal")}
+             "hidden_layers": ("uniform", "last"), "projector": ("identity", "orthogonal")}
   for key, values in allowed.items():
     if loss.get(key) is not None and loss[key] not in values:
       raise ValueError(f"{where}: loss.{key}={loss[key]!r}; use one of {values}")
@@ -174,10 +174,9 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
   log.info("link %s: Shrink of the teacher to %s (%s units, %s layers)", link.name,
            {k: getattr(target, k) for k in SHAPE_FIELDS}, method, layers)
   rows = calibration_rows() if method == "activation" or layers == "greedy" else None
-  params, info = prune.shrink(teacher, teacher_params, target, method, rows, layers,
+  params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
                               rescale=bool(link.get("shrink_rescale", True)),
                               log=lambda line: log.info("link %s: %s", link.name, line))
-  _start_student.info = info
   return target, jax.tree.map(np.asarray, params)
 
 
@@ -208,10 +207,7 @@ class KDLink(LinkKind):
     return self._tokenizer
 
   def build(self, student, teacher, optimizer, schedule, mesh, rules):
-    extra = {}
-    if self.run.link.loss.get("hidden_layers") == "kept":
-      extra["kept_layers"] = tuple(_start_student.info["layers"])
-    self.loss = LossSettings(**dict(self.run.link.loss), **extra)
+    self.loss = LossSettings(**dict(self.run.link.loss))
     self.train_step, self.eval_step = _make_steps(student, teacher, self.loss, mesh, rules,
                                                   optimizer, schedule)
     if not hasattr(self, "train"):  # Made already when the student was cut from the teacher.

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -48,7 +47,6 @@ class LossSettings:
   hidden_layers: str = "uniform"    # Layer map: "uniform" or "last".
   projector: str = "identity"       # Student -> teacher width: "identity" or "orthogonal".
   projector_seed: int = 0
-  kept_layers: tuple = ()           # hidden_layers="kept": the teacher layer of each student one.
 
 
 def make_optimizer(lr: float, total_steps: int, *, warmup_steps: int = 0,
@@ -176,10 +174,7 @@ def hidden_setup(student: ModelConfig, teacher: ModelConfig, loss: LossSettings)
   """(layer map, projector, kind) of a link with hidden-state distillation, else None."""
   if not loss.hidden_weight:
     return None
-  if loss.hidden_layers == "kept":
-    layers = np.asarray((0,) + tuple(int(k) + 1 for k in loss.kept_layers), np.int32)
-  else:
-    layers = hidden_bridge.layer_map(student.num_layers, teacher.num_layers, loss.hidden_layers)
+  layers = hidden_bridge.layer_map(student.num_layers, teacher.num_layers, loss.hidden_layers)
   projector = hidden_bridge.link_projector(student.hidden_size, teacher.hidden_size,
                                            loss.projector, loss.projector_seed)
   return layers, projector, loss.hidden_kind
