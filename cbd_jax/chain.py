@@ -175,8 +175,8 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
            {k: getattr(target, k) for k in SHAPE_FIELDS}, method, layers)
   rows = calibration_rows() if method == "activation" or layers == "greedy" else None
   params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
-                              rescale=bool(link.get("shrink_rescale", True)),
-                              log=lambda line: log.info("link %s: %s", link.name, line))
+                           rescale=bool(link.get("shrink_rescale", True)),
+                           log=lambda line: log.info("link %s: %s", link.name, line))
   return target, jax.tree.map(np.asarray, params)
 
 
