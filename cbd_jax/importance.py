@@ -71,6 +71,41 @@ def activation_stats(config: ModelConfig, params: dict, ids_NxT, batch_size: int
   return {key: value / max(ids_NxT.size, 1) for key, value in sums.items()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _batch_moments(config: ModelConfig, params: dict, ids_BxT, keys: tuple[str, ...],
+                   layers) -> dict[str, jax.Array]:
+  """Token sums of the outer products, in the given ``layers``, of the FFN neurons [l, F, F]
+  ("neurons") and of the concatenated head outputs [l, H hd, H hd] ("heads"): what down and o
+  read."""
+  _, state = model.Decoder(config).apply({"params": model._wrap_embeddings(params)}, ids_BxT,
+                                         mutable=["intermediates"])
+  inter = state["intermediates"]["layers"]
+  found = {"neurons": inter["mlp"]["neurons"][0], "heads": inter["attn"]["heads"][0]}
+  out = {}
+  for key in keys:
+    x = found[key][layers].astype(jnp.float32)
+    x = x.reshape(*x.shape[:3], -1)
+    out[key] = jnp.einsum("lbtf,lbtg->lfg", x, x)
+  return out
+
+
+def second_moments(config: ModelConfig, params: dict, ids_NxT, layers=None,
+                   keys: tuple[str, ...] = ("neurons", "heads"), batch_size: int = 4
+                   ) -> dict[str, np.ndarray]:
+  """Token means E[x x^T] over ``ids`` of what the down ("neurons": [l, F, F]) and o ("heads":
+  [l, H hd, H hd]) weights of ``layers`` (default: all) read, float64."""
+  ids_NxT = np.asarray(ids_NxT)
+  layers = jnp.arange(config.num_layers) if layers is None else jnp.asarray(layers)
+  params = jax.tree.map(jnp.asarray, params)
+  sums: dict[str, np.ndarray] = {}
+  for i in range(0, len(ids_NxT), batch_size):
+    ids = jnp.asarray(ids_NxT[i:i + batch_size])
+    batch = jax.device_get(_batch_moments(config, params, ids, tuple(keys), layers))
+    for key, value in batch.items():
+      sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
+  return {key: value / max(ids_NxT.size, 1) for key, value in sums.items()}
+
+
 def activation_scores(config: ModelConfig, params: dict, ids_NxT, batch_size: int = 4,
                       stats: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Activation importance of every unit on ``ids``: {"D": [D], "F": [L, F], "H": [L, H],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from cbd_jax import align, importance, resize
@@ -76,12 +77,45 @@ def rescale_norms(params: dict, stats: dict[str, np.ndarray], channels: np.ndarr
   return out
 
 
+def refit_outputs(config: ModelConfig, ordered: dict, out: dict, target: ModelConfig,
+                  kept_layers: np.ndarray, rows, ridge: float = 0.01) -> dict:
+  """``out`` (a leading Shrink of ``ordered``) with the o and down weights of every kept layer
+  refitted where heads or FFN neurons were cut: W' = argmin E|W x - W' x_kept|^2 + r |W'|^2,
+  i.e. W' = W C[:, kept] (C[kept, kept] + r I)^-1 with C = E[x x^T] of what the weight reads
+  (`importance.second_moments` of the teacher on ``rows``) and r = ``ridge`` * the mean of the
+  kept diagonal: the kept units take over, on average, what the cut ones wrote."""
+  maps = resize.make_maps(config, ordered, target, "leading")
+  channels = maps["D"].src[:, 0]
+  cut = {key: (kind, block, leaf) for key, kind, block, leaf, full, kept in (
+      ("neurons", "F", "mlp", "down", config.intermediate_size, target.intermediate_size),
+      ("heads", "H", "attn", "o", config.num_heads, target.num_heads)) if kept < full}
+  if not cut:
+    return out
+  moments = importance.second_moments(config, ordered, rows, kept_layers, tuple(cut))
+  out = jax.tree.map(np.array, out)
+  hd = config.head_dim
+  for key, (kind, block, leaf) in cut.items():
+    units = maps[kind].src[:, 0]
+    cols = units if kind == "F" else (units[:, None] * hd + np.arange(hd)).reshape(-1)
+    full = np.asarray(ordered["layers"][block][leaf]["weight"], np.float64)
+    dest = out["layers"][block][leaf]["weight"]
+    for j, layer in enumerate(kept_layers):
+      w, c = full[layer].reshape(config.hidden_size, -1), moments[key][j]
+      kept = c[np.ix_(cols, cols)]
+      kept = kept + ridge * np.trace(kept) / len(cols) * np.eye(len(cols))
+      fitted = np.linalg.solve(kept, (w @ c[:, cols]).T).T[channels]
+      dest[j] = fitted.reshape(dest.shape[1:]).astype(dest.dtype)
+  return out
+
+
 def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str = "activation",
-           rows=None, layers: str = "greedy", rescale: bool = True,
-           log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
+           rows=None, layers: str = "greedy", rescale: bool = True, refit: bool = True,
+           greedy_tokens: int = 2048, log: Callable[[str], None] = lambda _: None
+           ) -> tuple[dict, dict]:
   """(params of ``target``'s shape cut from ``params``, what was chosen). ``rows`` [N, T]:
   calibration token ids (training text), needed by ``method="activation"`` and by
-  ``layers="greedy"``; ``rescale``: `rescale_norms` after an activation Shrink."""
+  ``layers="greedy"`` (which reads the first ``greedy_tokens`` of them). After an activation
+  Shrink: ``rescale`` (`rescale_norms`) and ``refit`` (`refit_outputs`)."""
   if method not in SHRINKS:
     raise ValueError(f"unknown shrink {method!r}; use one of {SHRINKS}")
   if layers not in LAYER_CHOICES:
@@ -92,14 +126,15 @@ def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str =
   resize.check_compatible(config, target)
   n = min(target.num_layers, config.num_layers)
   if layers == "greedy" and n < config.num_layers:
-    kept = importance.greedy_layers(config, params, n, rows)
+    rows = np.asarray(rows)
+    head = rows[:max(1, -(-greedy_tokens // max(rows.shape[1] - 1, 1)))]
+    kept = importance.greedy_layers(config, params, n, head)
     log(f"layers kept by greedy block influence: {kept.tolist()}")
   else:
     kept = resize.depth_map(config.num_layers, n, "identity").src[:, 0]
   info = {"shrink": method, "layers": kept.tolist()}
   if method != "activation":
-    select = method
-    out = resize.resize(config, params, target, select=select,
+    out = resize.resize(config, params, target, select=method,
                         layer_map=None if layers == "even" else resize.one_hot_map(kept))
     return out, info
   stats = importance.activation_stats(config, params, rows)
@@ -109,10 +144,12 @@ def shrink(config: ModelConfig, params: dict, target: ModelConfig, method: str =
   ordered = order_units(config, params, scores)
   out = resize.resize(config, ordered, target, select="leading",
                       layer_map=resize.one_hot_map(kept))
+  if refit:
+    out = refit_outputs(config, ordered, out, target, kept, rows)
   if "D" in scores:
-    info["channels"] = np.argsort(-scores["D"], kind="stable")[:target.hidden_size].tolist()
-  if rescale and target.hidden_size < config.hidden_size:
     channels = np.argsort(-scores["D"], kind="stable")[:target.hidden_size]
-    out = rescale_norms(out, stats, channels, kept)
+    info["channels"] = channels.tolist()
+    if rescale:
+      out = rescale_norms(out, stats, channels, kept)
   info["calibration_tokens"] = int(np.asarray(rows)[:, 1:].size)
   return out, info
