@@ -130,7 +130,11 @@ def test_smoke_chain_then_init_model_then_report(tmp_path):
   out = _run("launch/report.py", f"--chain={workdir}", "--eval_tokens=256", "--seq_len=32")
   report = json.loads((workdir / "report.json").read_text())
   roles = [m["role"] for m in report["models"]]
-  assert roles == ["source", "anchor", "anchor", "target"]
+  assert roles == ["source", "anchor", "anchor", "target", "counts", "counts"]
+  counts = {m["name"]: m for m in report["models"] if m["role"] == "counts"}
+  assert counts.keys() == {"unigram counts", "bigram counts"}  # Checked in test_baselines.
+  assert all(1 < m["ppl"] < 49_152 for m in counts.values())  # Finite, below a uniform guess.
+  report["models"] = [m for m in report["models"] if m["role"] != "counts"]
   for m in report["models"]:  # Each figure recomputed in PyTorch transformers from its folder.
     ppl, bpb = _torch_quality(m["path"], report["heldout"]["file"], 256, 32)
     assert m["ppl"] == pytest.approx(ppl, rel=1e-4), m["name"]

@@ -24,15 +24,15 @@ def train(process_index: int, process_count: int):
   import jax.numpy as jnp
 
   sys.path.insert(0, str(HERE))
-  from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params
+  from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params, optimizer
 
   from cbd_jax.chain import global_batch
   from cbd_jax.chain import host_params as gather
   from cbd_jax.sharding import make_mesh, tree_shardings
-  from cbd_jax.train_step import make_init_state, make_optimizer, make_train_step, place_params
+  from cbd_jax.train_step import make_init_state, make_train_step, place_params
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  opt, sched = make_optimizer(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1)
+  opt, sched = optimizer()
   state = make_init_state(STUDENT, opt, mesh)(host_params(STUDENT, 1))
   teacher = host_params(TEACHER, 2)
   teacher = place_params(teacher, tree_shardings(teacher, mesh), jnp.float32)
