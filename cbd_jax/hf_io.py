@@ -24,7 +24,7 @@ import numpy as np
 
 from cbd_jax import convert, hf_config
 from cbd_jax.cli import one_line
-from cbd_jax.config import DTYPES, ModelConfig, check_dtype
+from cbd_jax.config import DTYPES, ModelConfig, check_dtype, export_refusal
 from cbd_jax.gguf_io import read_gguf
 from cbd_jax.guards import process_alive
 from cbd_jax.safetensors_io import DAMAGED, CheckpointError, read_safetensors, save_sharded
@@ -210,6 +210,10 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, token
   tokenizer, or a path. Hidden folders of exports killed earlier beside it are removed.
   """
   out_dir = Path(out_dir)
+  refusal = export_refusal(config)
+  if refusal:
+    raise ValueError(f"cannot export to {out_dir}: {refusal}; choose a shape whose hidden_size "
+                     "num_heads divides")
   _check_destination(out_dir, overwrite)
   tensors = convert.to_hf_tensors(config, params)
   if dtype is not None:

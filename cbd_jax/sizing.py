@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.config import ModelConfig, export_refusal, num_params
 from cbd_jax.resize import check_compatible
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -133,6 +133,8 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
           if strict and shared_group and heads % group:
             continue
           config, _, distance = shape_at(small, large, layers, width, ffn_multiple, heads)
+          if export_refusal(config):
+            continue
           error = abs(num_params(config) - want) / want
           if error <= tol and (best is None or distance + error < best[0]):
             best = (distance + error, config)
