@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                  random_init=None))
   c.chain = (
       link("smollm2-80m", ANCHOR_80M, tokens=36_864, lr=5e-4),                 # 36 steps of 8 x 128
-      link("smollm2-34m", ANCHOR_34M, tokens=32_768, lr=2e-3, batch_size=4),   # 64 steps of 4 x 128
+      link("smollm2-34m", ANCHOR_34M, tokens=49_152, lr=2e-3, batch_size=4),   # 96 steps of 4 x 128
   )
   c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
