@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cbd_jax import align, hf_io, resize
+from cbd_jax.checkpoints import hf_io
+from cbd_jax.interpolation import align, resize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "anchor_alignment.json"
 

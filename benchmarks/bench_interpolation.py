@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbd_jax import assets, calibrate, hf_io, importance, interpolate, model, resize, sizing
-from cbd_jax.config import num_params
+from cbd_jax.checkpoints import assets, hf_io
+from cbd_jax.interpolation import calibrate, importance, mixing, resize, sizing
+from cbd_jax.model import decoder
+from cbd_jax.model.config import num_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interpolation.json"
 
@@ -55,7 +57,7 @@ def finetune(config, params, rows, batch: int, lr: float):
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
   def loss_fn(p, ids):
-    logits = model.forward(config, p, ids[:, :-1])[..., :config.vocab_limit]
+    logits = decoder.forward(config, p, ids[:, :-1])[..., :config.vocab_limit]
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   @jax.jit
@@ -140,15 +142,15 @@ def main(argv=None) -> dict:
   s_anchor, l_anchor = (small_cfg, small), (large_cfg, large)
 
   def ppl(config, params, rows=heldout):
-    return math.exp(interpolate.heldout_loss(config, params, rows))
+    return math.exp(mixing.heldout_loss(config, params, rows))
 
   rows = {"teacher (SmolLM2-135M, for reference)": ppl(teacher_cfg, teacher),
           "large anchor itself": ppl(large_cfg, large),
           "small anchor itself": ppl(small_cfg, small)}
   del teacher
   lap("anchors evaluated")
-  alpha0 = interpolate.default_alpha(small_cfg, large_cfg, target_cfg)
-  rows["target: random init"] = ppl(target_cfg, model.init_params(target_cfg,
+  alpha0 = mixing.default_alpha(small_cfg, large_cfg, target_cfg)
+  rows["target: random init"] = ppl(target_cfg, decoder.init_params(target_cfg,
                                                                   jax.random.PRNGKey(0)))
   rows["target: Grow(small) alone (identity layers: the small anchor's function)"] = ppl(
       target_cfg, resize.grow(small_cfg, small, target_cfg))
@@ -158,7 +160,7 @@ def main(argv=None) -> dict:
   rows["target: Shrink(large) alone (layers by block influence on Wikipedia)"] = ppl(
       target_cfg, resize.shrink(large_cfg, large, target_cfg, layer_select=bi_large))
   rows[f"target: interpolation, alpha={alpha0:.2f} (default), zero layers, no alignment"] = (
-      ppl(target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, "plain",
+      ppl(target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha0, "plain",
                                               align_layers=False)))
   variants = {"zero layers": dict(depth="zero", rule="plain"),
               "zero layers, extra layers by block influence": dict(
@@ -168,16 +170,16 @@ def main(argv=None) -> dict:
               "zero layers, output mix": dict(depth="zero", rule="output")}
   for name, kw in variants.items():
     rows[f"target: interpolation, alpha={alpha0:.2f} (default), aligned, {name}"] = ppl(
-        target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, **kw))
+        target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha0, **kw))
   lap("baselines and default-alpha interpolation evaluated")
   swept = ("zero layers", "zero layers, extra layers by block influence")
-  sweeps = {name: interpolate.sweep_alpha(s_anchor, l_anchor, target_cfg, select,
+  sweeps = {name: mixing.sweep_alpha(s_anchor, l_anchor, target_cfg, select,
                                           alphas=(0.0, 0.25, 0.5, 0.75, 1.0), **variants[name])
             for name in swept}
   chosen = min(sweeps, key=lambda n: sweeps[n][1][sweeps[n][0]])
   alpha_sel = sweeps[chosen][0]
   rows[f"target: interpolation, alpha={alpha_sel:.2f} and '{chosen}' chosen on Wikipedia"] = ppl(
-      target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha_sel,
+      target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha_sel,
                                           **variants[chosen]))
   default, info = calibrate.make_target(s_anchor, l_anchor, target_cfg, calibrate.Recipe(), select,
                                         log=lambda _: None)

@@ -7,9 +7,9 @@ The public API of the model layer::
   cbd_jax.save_hf(config, params, "out/", tokenizer=tok)  # transformers loads "out/"
 """
 
-from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.hf_io import load_hf, load_tokenizer, save_hf
-from cbd_jax.model import apply_hidden, forward, head_weight, init_params
+from cbd_jax.checkpoints.hf_io import load_hf, load_tokenizer, save_hf
+from cbd_jax.model.config import ModelConfig, num_params
+from cbd_jax.model.decoder import apply_hidden, forward, head_weight, init_params
 
 __all__ = ["ModelConfig", "num_params", "load_hf", "load_tokenizer", "save_hf", "apply_hidden",
            "forward", "head_weight", "init_params"]

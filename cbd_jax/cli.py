@@ -3,7 +3,7 @@
 `run(main)` runs a command's ``main(args)``: a fault the user can fix (a bad path, a bad value, a
 full disk, a string passed to ``sys.exit``) prints ONE line on stderr, ``error: ...``, and exits
 with 2; Ctrl-C prints one line and exits with 130; a link stopped by a signal after saving its
-checkpoint (`cbd_jax.guards.Stopped`) prints one line and exits with 128 + the signal (143 for
+checkpoint (`cbd_jax.chain.guards.Stopped`) prints one line and exits with 128 + the signal (143 for
 SIGTERM, 130 for SIGINT); any other exception prints one line naming its type and exits with 1.
 ``--debug`` (or ``CBD_DEBUG=1``) shows the full traceback instead.
 

@@ -52,7 +52,7 @@ def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
       dtype=dtype, teacher_dtype="",   # Compute dtypes ("" = same as the student's).
       remat=remat,
       # Teacher cache: k > 0 runs the teacher once over the budget and trains from its stored
-      # top-k log-probs (dir "" = <workdir>/teacher_cache/<name>); see cbd_jax/teacher_cache.py.
+      # top-k log-probs (dir "" = <workdir>/teacher_cache/<name>); see distill/teacher_cache.py.
       teacher_cache=dict(k=0, dir="", dtype="float32"),
   ))
 
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       heldout="Salesforce/wikitext", heldout_config="wikitext-103-raw-v1",
       heldout_split="validation", heldout_fraction=0.01, cache_dir=""))
   c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.sharding_rules = ()  # [(regex, (axis, ...)), ...] to override cbd_jax.sharding's defaults.
+  c.sharding_rules = ()  # [(regex, (axis, ...)), ...] to override model.sharding's defaults.
   c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2))
   c.eval = mlc.ConfigDict(dict(every=500, batch_size=16, num_batches=8))
   c.log = mlc.ConfigDict(dict(every=10, progress=True, tensorboard=True))
@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 def _smoke(c: mlc.ConfigDict) -> None:
   """Tiny Qwen2 models on the fetched English text: the same code paths in about a minute."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   text = assets.english_text()
   c.workdir = "runs/qwen_chain_smoke"

@@ -21,7 +21,7 @@ VARIANTS = ("", "smoke")
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """Variants: "" (recovery of ``--config.model``, CPU-sized) or "smoke" (a tiny random model)."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   arg = arg or ""
   if arg not in VARIANTS:

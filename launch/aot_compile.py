@@ -61,7 +61,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None or not _TOPOLOGY.value:
     sys.exit("error: give --config=CONFIG and --topology=NAME (e.g. --topology=v5e-256)")
-  from cbd_jax import aot
+  from cbd_jax.chain import aot
 
   config = _CONFIG.value
   try:

@@ -6,7 +6,8 @@ Usage: python launch/fetch_assets.py     (cache folder: $CBD_CACHE, default ~/.c
 import logging
 import sys
 
-from cbd_jax import assets, cli
+from cbd_jax import cli
+from cbd_jax.checkpoints import assets
 
 
 def main(argv: list[str]) -> int:

@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  from cbd_jax import calibrate, target
+  from cbd_jax.interpolation import calibrate, target
 
   try:
     recipe = calibrate.Recipe(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbd_jax import resize
+from cbd_jax.interpolation import resize
 
 
 def random_params(config, seed: int = 0, scale: float = 0.2) -> dict:

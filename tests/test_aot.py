@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
 
-from cbd_jax import aot  # noqa: E402
-from cbd_jax.config import num_params  # noqa: E402
-from cbd_jax.sharding import make_mesh  # noqa: E402
+from cbd_jax.chain import aot  # noqa: E402
+from cbd_jax.model.config import num_params  # noqa: E402
+from cbd_jax.model.sharding import make_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

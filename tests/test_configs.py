@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from cbd_jax.chain import check_config, link_steps
+from cbd_jax.chain.driver import check_config, link_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -31,7 +31,7 @@ def _variants():
 def test_config_loads_and_passes_checks(path, variant):
   config = _module(path).get_config(variant)
   if "chain" not in config:  # configs/recovery.py trains one model, not a chain.
-    from cbd_jax import recovery
+    from cbd_jax.chain import recovery
 
     config.model = config.model or "runs/chain/targets/50m"  # The one field it cannot default.
     recovery.check_config(config)
@@ -69,7 +69,7 @@ def test_command_line_overrides_reach_links_by_index():
 
 def test_qwen_chain_brackets_138m_and_budgets_tokens():
   config = _module(ROOT / "configs" / "qwen_chain.py").get_config("")
-  from cbd_jax.config import ModelConfig, num_params
+  from cbd_jax.model.config import ModelConfig, num_params
 
   qwen05 = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
                        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,

@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cbd_jax import assets, data, token_shards
+from cbd_jax import data
+from cbd_jax.checkpoints import assets
+from cbd_jax.data import token_shards
 
 
 @pytest.fixture(scope="module")

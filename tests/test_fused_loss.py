@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import fused_loss, losses
+from cbd_jax.distill import fused_loss, losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_reference as ref  # noqa: E402

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import hidden_bridge, model
-from cbd_jax.config import ModelConfig
+from cbd_jax.distill import hidden_bridge
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
 
 _loss_sum = jax.jit(hidden_bridge.hidden_loss_sum, static_argnames="kind")
 _layered_sum = jax.jit(hidden_bridge.layered_hidden_loss_sum, static_argnames="kind")
@@ -66,9 +67,9 @@ def test_lstsq_on_model_activations_beats_identity_and_orthogonal():
                       intermediate_size=64, vocab_size=64)
   big = small.replace(hidden_size=48, num_heads=3, num_kv_heads=3, num_layers=3)
   ids = jax.random.randint(jax.random.PRNGKey(6), (4, 32), 0, 64)
-  apply = jax.jit(model.apply_hidden, static_argnums=0)
-  s_hidden, _ = apply(small, model.init_params(small, jax.random.PRNGKey(7)), ids)
-  t_hidden, _ = apply(big, model.init_params(big, jax.random.PRNGKey(8)), ids)
+  apply = jax.jit(decoder.apply_hidden, static_argnums=0)
+  s_hidden, _ = apply(small, decoder.init_params(small, jax.random.PRNGKey(7)), ids)
+  t_hidden, _ = apply(big, decoder.init_params(big, jax.random.PRNGKey(8)), ids)
   fit, held = slice(0, 3), slice(3, 4)
   projs = {
       "identity": hidden_bridge.init_projector(32, 48),
@@ -141,20 +142,25 @@ TEACHER_CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_lay
 
 def _hidden_distance(student, s_params, teacher, t_params, ids, loss):
   """Mean over tokens and student states of the hidden loss, computed directly (no step)."""
-  from cbd_jax.train_step import hidden_setup
+  from cbd_jax.distill.train_step import hidden_setup
 
   layers, projector, kind = hidden_setup(student, teacher, loss)
-  _, s = model.apply_hidden(student, s_params, ids, output_hidden=True)
-  _, t = model.apply_hidden(teacher, t_params, ids, output_hidden=True)
+  _, s = decoder.apply_hidden(student, s_params, ids, output_hidden=True)
+  _, t = decoder.apply_hidden(teacher, t_params, ids, output_hidden=True)
   total, count = hidden_bridge.layered_hidden_loss_sum(s, t, layers, projector, kind)
   return float(total) / float(count)
 
 
 @pytest.mark.parametrize(("width", "projector"), [(32, "identity"), (24, "orthogonal")])
 def test_hidden_distillation_moves_student_states_toward_the_teacher(width, projector):
-  from cbd_jax.sharding import make_mesh
-  from cbd_jax.source import init_host_params
-  from cbd_jax.train_step import LossSettings, make_init_state, make_optimizer, make_train_step
+  from cbd_jax.chain.source import init_host_params
+  from cbd_jax.distill.train_step import (
+    LossSettings,
+    make_init_state,
+    make_optimizer,
+    make_train_step,
+  )
+  from cbd_jax.model.sharding import make_mesh
 
   student = TEACHER_CFG.replace(hidden_size=width, num_layers=2, head_dim=width // 2)
   teacher_params = init_host_params(TEACHER_CFG, 1)

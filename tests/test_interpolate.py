@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from cbd_jax import align, interpolate, model, resize
-from cbd_jax.config import FAMILIES, ModelConfig, num_params
+from cbd_jax.interpolation import align, mixing, resize
+from cbd_jax.model import decoder
+from cbd_jax.model.config import FAMILIES, ModelConfig, num_params
 
 
 def _config(family, **kw):
@@ -22,16 +23,16 @@ def test_alpha_one_and_zero_return_the_anchors_exactly(family):
   config = _config(family)
   small, large = random_params(config, 0), random_params(config, 1)
   for alpha, expect in ((1.0, small), (0.0, large)):
-    for rule in interpolate.MIXES:
-      out = interpolate.interpolate((config, small), (config, large), config, alpha,
+    for rule in mixing.MIXES:
+      out = mixing.interpolate((config, small), (config, large), config, alpha,
                                     rule=rule, align_units=False)
       jax.tree.map(np.testing.assert_array_equal, out, expect)
   # Aligned, the large endpoint is the large anchor with its units reordered: the same function.
   ids = np.random.default_rng(3).integers(0, 53, (2, 6))
-  out = interpolate.interpolate((config, small), (config, large), config, 0.0)
-  np.testing.assert_allclose(model.forward(config, out, ids), model.forward(config, large, ids),
+  out = mixing.interpolate((config, small), (config, large), config, 0.0)
+  np.testing.assert_allclose(decoder.forward(config, out, ids), decoder.forward(config, large, ids),
                              atol=1e-5, rtol=0)
-  half = interpolate.interpolate((config, small), (config, large), config, 0.25,
+  half = mixing.interpolate((config, small), (config, large), config, 0.25,
                                  align_units=False)
   jax.tree.map(lambda o, s, b: np.testing.assert_allclose(o, 0.25 * s + 0.75 * b, atol=1e-7),
                half, small, large)
@@ -48,8 +49,8 @@ def test_default_alpha_follows_parameter_counts():
   (s, _), (b, _) = _anchors()
   t = s.replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5, intermediate_size=64)
   p_s, p_b, p_t = num_params(s), num_params(b), num_params(t)
-  assert interpolate.default_alpha(s, b, t) == pytest.approx((p_b - p_t) / (p_b - p_s))
-  assert interpolate.default_alpha(s, b, s) == 1.0 and interpolate.default_alpha(s, b, b) == 0.0
+  assert mixing.default_alpha(s, b, t) == pytest.approx((p_b - p_t) / (p_b - p_s))
+  assert mixing.default_alpha(s, b, s) == 1.0 and mixing.default_alpha(s, b, b) == 0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,8 +58,8 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
   small, large = _anchors(family)
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
-  alpha = interpolate.default_alpha(small[0], large[0], target)
-  out = resize.flatten(interpolate.interpolate(small, large, target, rule="plain",
+  alpha = mixing.default_alpha(small[0], large[0], target)
+  out = resize.flatten(mixing.interpolate(small, large, target, rule="plain",
                                                depth="identity", align_layers=False,
                                                align_units=False))
   grown = resize.flatten(resize.grow(*small, target))
@@ -73,8 +74,8 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
   kw = dict(depth="identity", align_layers=False, align_units=False)
-  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, "plain", **kw))
-  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole", **kw))
+  plain = resize.flatten(mixing.interpolate(small, large, target, alpha, "plain", **kw))
+  renorm = resize.flatten(mixing.interpolate(small, large, target, alpha, "whole", **kw))
   shrunk = resize.flatten(resize.shrink(*large, target))
   up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
   np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
@@ -84,7 +85,7 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
   # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
-  zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole",
+  zero = resize.flatten(mixing.interpolate(small, large, target, alpha, "whole",
                                                 depth="zero", align_layers=False,
                                                 align_units=False))
   for path, x in zero.items():
@@ -97,13 +98,13 @@ def test_sweep_scores_each_alpha_by_the_targets_own_loss():
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   ids = np.random.default_rng(2).integers(0, 53, (3, 12))
-  for rule in interpolate.MIXES:
-    best, losses = interpolate.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0),
+  for rule in mixing.MIXES:
+    best, losses = mixing.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0),
                                            rule=rule)
     assert set(losses) == {0.0, 0.4, 1.0} and best == min(losses, key=losses.get)
     for alpha in (0.0, 0.4):
-      params = interpolate.interpolate(small, large, target, alpha, rule)
-      assert losses[alpha] == pytest.approx(interpolate.heldout_loss(target, params, ids),
+      params = mixing.interpolate(small, large, target, alpha, rule)
+      assert losses[alpha] == pytest.approx(mixing.heldout_loss(target, params, ids),
                                             rel=1e-5)
 
 
@@ -111,19 +112,19 @@ def test_heldout_loss_is_mean_next_token_cross_entropy_over_real_vocab():
   config = _config("qwen2", real_vocab_size=50)
   params = random_params(config, 3)
   ids = np.random.default_rng(4).integers(0, 50, (2, 7))
-  logits = np.asarray(model.forward(config, params, ids[:, :-1]), np.float64)[..., :50]
+  logits = np.asarray(decoder.forward(config, params, ids[:, :-1]), np.float64)[..., :50]
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   want = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
-  assert interpolate.heldout_loss(config, params, ids, batch_size=1) == pytest.approx(want, 1e-5)
+  assert mixing.heldout_loss(config, params, ids, batch_size=1) == pytest.approx(want, 1e-5)
 
 
 def test_bad_inputs_are_refused():
   small, large = _anchors()
   with pytest.raises(ValueError, match="outside"):
-    interpolate.interpolate(small, large, small[0], alpha=1.5)
+    mixing.interpolate(small, large, small[0], alpha=1.5)
   other = (_config("gpt2"), random_params(_config("gpt2"), 5))
   with pytest.raises(ValueError, match="families differ"):
-    interpolate.interpolate(small, other, small[0])
+    mixing.interpolate(small, other, small[0])
 
 
 def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
@@ -144,12 +145,12 @@ def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
   by_score = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, large_scores=scores)
   np.testing.assert_array_equal(by_score[1].src[:, 0], [0, 1, 4, 5, 6, 7, 8])
   ids = np.random.default_rng(9).integers(0, 53, (2, 6))
-  reference = model.forward(small_cfg, small, ids)
+  reference = decoder.forward(small_cfg, small, ids)
   for depth in ("zero", "identity"):  # Grow(small) on the aligned layout keeps its function.
     small_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, depth)[0]
     grown = resize.resize(small_cfg, small, target, fill="zero", depth=depth, layer_map=small_map)
-    np.testing.assert_allclose(model.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
-  mixed = resize.flatten(interpolate.interpolate((small_cfg, small), (large_cfg, large), target,
+    np.testing.assert_allclose(decoder.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
+  mixed = resize.flatten(mixing.interpolate((small_cfg, small), (large_cfg, large), target,
                                                  0.5))
   scale = "layers/attn_norm/scale"
   np.testing.assert_allclose(mixed[scale][4], 0.5 * resize.flatten(small)[scale][2]
@@ -183,16 +184,16 @@ def test_units_of_an_importance_shrunk_anchor_are_aligned_with_their_counterpart
   before = jax.tree.map(np.copy, large)
   for extras in ("leading", "weight_norm"):
     aligned = align.align_units(small_cfg, small, large_cfg, large, extras=extras)
-    np.testing.assert_allclose(model.forward(large_cfg, aligned, ids),
-                               model.forward(large_cfg, large, ids), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decoder.forward(large_cfg, aligned, ids),
+                               decoder.forward(large_cfg, large, ids), atol=1e-5, rtol=0)
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(a, c), clean,
                  resize.shrink(large_cfg, aligned, small_cfg))
   jax.tree.map(np.testing.assert_array_equal, large, before)  # The caller's params are kept.
   for alpha in (0.0, 0.4):
-    out = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, alpha)
+    out = mixing.interpolate((small_cfg, small), (large_cfg, large), small_cfg, alpha)
     jax.tree.map(lambda o, s, c, a=alpha: np.testing.assert_allclose(
         o, a * s + (1 - a) * c, atol=1e-6), out, small, clean)
-  unaligned = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, 0.0,
+  unaligned = mixing.interpolate((small_cfg, small), (large_cfg, large), small_cfg, 0.0,
                                       align_units=False)
   worst = max(jax.tree.leaves(jax.tree.map(lambda o, c: float(np.abs(o - c).max()), unaligned,
                                            clean)))

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cbd_jax import losses
+from cbd_jax.distill import losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_reference as ref  # noqa: E402

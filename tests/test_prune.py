@@ -6,8 +6,11 @@ import pytest
 from hf_models import tiny_hf_model, torch_logits
 
 import cbd_jax
-from cbd_jax import assets, data, gguf_cache, heldout, hf_io, importance, prune, resize
-from cbd_jax.sharding import make_mesh, tree_shardings
+from cbd_jax import data
+from cbd_jax.checkpoints import assets, gguf_cache, hf_io
+from cbd_jax.evaluation import heldout
+from cbd_jax.interpolation import importance, prune, resize
+from cbd_jax.model.sharding import make_mesh, tree_shardings
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from cbd_jax import model, resize
-from cbd_jax.config import FAMILIES, ModelConfig
+from cbd_jax.interpolation import resize
+from cbd_jax.model import decoder
+from cbd_jax.model.config import FAMILIES, ModelConfig
 
 TIED = {"llama": True, "qwen2": False, "qwen3": False, "gpt2": True}
 
@@ -23,7 +24,7 @@ def _config(family, **kw):
 
 @functools.cache
 def _forward(config):
-  return jax.jit(functools.partial(model.forward, config))
+  return jax.jit(functools.partial(decoder.forward, config))
 
 
 IDS = np.random.default_rng(1).integers(0, 61, (2, 9))
@@ -33,7 +34,7 @@ IDS = np.random.default_rng(1).integers(0, 61, (2, 9))
 @pytest.mark.parametrize("tie", [False, True])
 def test_param_shapes_cover_every_leaf_of_the_model(family, tie):
   config = _config(family, tie_embeddings=tie)
-  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   got = {p: tuple(x.shape) for p, x in resize.flatten(shapes).items()}
   assert got == resize.param_shapes(config)
   target = config.replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,

@@ -7,8 +7,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax.config import ModelConfig
-from cbd_jax.sharding import (
+from cbd_jax.distill.train_step import abstract_params
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.sharding import (
   batch_sharding,
   constrain_batch,
   make_mesh,
@@ -16,7 +17,6 @@ from cbd_jax.sharding import (
   spec_for,
   tree_shardings,
 )
-from cbd_jax.train_step import abstract_params
 
 CONFIG = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, intermediate_size=64)

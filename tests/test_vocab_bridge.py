@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import assets, losses, vocab_bridge
+from cbd_jax.checkpoints import assets
+from cbd_jax.distill import losses, vocab_bridge
 
 NUM_PARAGRAPHS = 30
 

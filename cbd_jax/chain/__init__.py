@@ -1,0 +1,1 @@
+"""The runs: the chain driver, the link driver and its kinds, recovery, guards, report."""
