@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from cbd_jax.checkpoints import hf_io
-from cbd_jax.interpolation import align, resize
+from cbd_jax.interpolation import align
+from cbd_jax.model import layout
 
 RESULTS = Path(__file__).resolve().parent / "results" / "anchor_alignment.json"
 
@@ -28,8 +29,8 @@ def neuron_similarity(small, large, layer_s: int, layer_l: int) -> np.ndarray:
   """[F_small, F_large] cosine similarity of the FFN neurons of two layers."""
   (cs, ps), (cl, pl) = small, large
   channels = min(cs.hidden_size, cl.hidden_size)
-  s = align._layer_slices(cs, resize.flatten(ps), layer_s, channels)["F"]
-  return align._features(s, align._layer_slices(cl, resize.flatten(pl), layer_l, channels)["F"])
+  s = align._layer_slices(cs, layout.flatten(ps), layer_s, channels)["F"]
+  return align._features(s, align._layer_slices(cl, layout.flatten(pl), layer_l, channels)["F"])
 
 
 def main(argv=None) -> dict:

@@ -159,7 +159,6 @@ def run(args) -> dict:
   import numpy as np
 
   from cbd_jax import data
-  from cbd_jax.chain.driver import global_batch
   from cbd_jax.checkpoints import hf_io
   from cbd_jax.distill.lm_step import make_lm_step
   from cbd_jax.distill.train_step import (
@@ -172,7 +171,7 @@ def run(args) -> dict:
   )
   from cbd_jax.evaluation import heldout
   from cbd_jax.model.config import num_params
-  from cbd_jax.model.sharding import make_mesh, tree_shardings
+  from cbd_jax.model.sharding import global_batch, make_mesh, tree_shardings
 
   preset = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in dict(
       size=args.size, tokens=args.tokens, eval_tokens=args.eval_tokens).items() if v})

@@ -30,7 +30,7 @@ import optax
 
 from cbd_jax.checkpoints import assets, hf_io
 from cbd_jax.interpolation import calibrate, importance, mixing, resize, sizing
-from cbd_jax.model import decoder
+from cbd_jax.model import decoder, layout
 from cbd_jax.model.config import num_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interpolation.json"
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     saved = np.load(cache)
     large, small = ({k[2:]: saved[k] for k in saved.files if k.startswith(f"{r}/")}
                     for r in ("L", "S"))
-    large, small = resize.unflatten(large), resize.unflatten(small)
+    large, small = layout.unflatten(large), layout.unflatten(small)
     large_losses, small_losses = saved["losses_L"].tolist(), saved["losses_S"].tolist()
     lap(f"anchors loaded from {cache}")
   else:
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     lap("small anchor: shrink + fine-tune")
     cache.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{r}/{k}": v for r, tree in (("L", large), ("S", small))
-              for k, v in resize.flatten(tree).items()}
+              for k, v in layout.flatten(tree).items()}
     with open(cache.with_suffix(".part"), "wb") as f:
       np.savez(f, losses_L=large_losses, losses_S=small_losses, **arrays)
     cache.with_suffix(".part").rename(cache)

@@ -106,7 +106,7 @@ def _random_params(config, seed: int, shardings=None, dtype=None):
   import jax
   import jax.numpy as jnp
 
-  from cbd_jax.distill.train_step import abstract_params
+  from cbd_jax.model.decoder import abstract_params
 
   shapes = abstract_params(config)
   dtype = dtype or jnp.float32

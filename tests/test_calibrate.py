@@ -6,7 +6,7 @@ import pytest
 from random_params import random_params
 
 from cbd_jax.interpolation import align, calibrate, importance, mixing, resize
-from cbd_jax.model import decoder
+from cbd_jax.model import decoder, layout
 from cbd_jax.model.config import FAMILIES, ModelConfig
 
 
@@ -85,8 +85,8 @@ def test_output_mix_scales_only_what_padded_units_write():
   target = small[0].replace(num_layers=5, intermediate_size=64)
   views = mixing.anchor_views(small, large, target)
   alpha = 0.3
-  out = resize.flatten(mixing.mix(views, alpha, "output"))
-  shrunk, grown = resize.flatten(views.shrunk), resize.flatten(views.grown)
+  out = layout.flatten(mixing.mix(views, alpha, "output"))
+  shrunk, grown = layout.flatten(views.shrunk), layout.flatten(views.grown)
   new_layers = np.flatnonzero(np.all(grown["layers/attn/q/weight"] == 0, axis=(1, 2, 3)))
   assert len(new_layers) == 2
   for path, x in out.items():
@@ -100,7 +100,7 @@ def test_output_mix_scales_only_what_padded_units_write():
   s_up, s_down = shrunk["layers/mlp/up/weight"][kept], shrunk["layers/mlp/down/weight"][kept]
   np.testing.assert_array_equal(up[:, 48:], s_up[:, 48:])  # New neurons read whole ...
   np.testing.assert_allclose(down[..., 48:], (1 - alpha) * s_down[..., 48:], atol=1e-7)
-  np.testing.assert_allclose(up[:, :48], alpha * resize.flatten(views.grown)[
+  np.testing.assert_allclose(up[:, :48], alpha * layout.flatten(views.grown)[
       "layers/mlp/up/weight"][kept][:, :48] + (1 - alpha) * s_up[:, :48], atol=1e-6)
 
 
@@ -155,8 +155,8 @@ def test_residual_gains_bring_the_target_towards_the_large_anchor_without_vocab_
   assert kls[0] == pytest.approx(float((np.exp(logp) * (logp - logq)).sum(-1).mean()), rel=1e-5)
   assert gains.shape == (4, 2) and np.all(np.diff(kls) < 0) and kls[-1] < 0.95 * kls[0]
   # scale_outputs multiplies exactly the o and down weights of each layer.
-  scaled = resize.flatten(calibrate.scale_outputs(params, gains))
-  flat = resize.flatten(params)
+  scaled = layout.flatten(calibrate.scale_outputs(params, gains))
+  flat = layout.flatten(params)
   for path, x in scaled.items():
     if path == "layers/attn/o/weight":
       np.testing.assert_allclose(x, flat[path] * gains[:, 0, None, None, None], rtol=1e-6)
@@ -266,14 +266,14 @@ def test_greedy_layers_keep_the_counterparts_and_drop_the_least_influential():
   layers = importance.greedy_layers(*aligned, 4, IDS, keep=m)
   assert len(layers) == 4 and np.isin(m, layers).all() and np.all(np.diff(layers) > 0)
   # A layer whose o and down are zero is an identity: block influence 0, dropped first.
-  flat = resize.flatten(aligned[1])
+  flat = layout.flatten(aligned[1])
   free = np.setdiff1d(np.arange(6), m)
   for path in ("layers/attn/o/weight", "layers/mlp/down/weight"):
     flat[path] = np.array(flat[path])
     flat[path][free[-1]] = 0
-  scores = importance.block_influence(large[0], resize.unflatten(flat), IDS)
+  scores = importance.block_influence(large[0], layout.unflatten(flat), IDS)
   assert scores[free[-1]] == pytest.approx(0.0, abs=1e-6) and scores.min() >= -1e-6
-  kept = importance.greedy_layers(large[0], resize.unflatten(flat), 5, IDS, keep=m)
+  kept = importance.greedy_layers(large[0], layout.unflatten(flat), 5, IDS, keep=m)
   assert free[-1] not in kept
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cbd_jax.checkpoints import orbax_io
-from cbd_jax.distill.train_step import TrainState
+from cbd_jax.distill.step_core import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from cbd_jax.chain.driver import check_config, link_steps
+from cbd_jax.chain.checks import link_steps
+from cbd_jax.chain.driver import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))

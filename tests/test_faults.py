@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cbd_jax import cli
+from cbd_jax import cli, errors
 from cbd_jax.chain import guards, metrics
 from cbd_jax.checkpoints import manifest, orbax_io
 
@@ -205,7 +205,7 @@ def _smoke_error(tmp_path: Path, *overrides: str, spec="configs/qwen_chain.py:sm
   with pytest.raises((ValueError, OSError)) as e:
     driver.run_chain(config)
   assert not (tmp_path / "run").exists()
-  return cli.one_line(e.value)
+  return errors.one_line(e.value)
 
 
 @pytest.mark.parametrize("overrides, expected", [

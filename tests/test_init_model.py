@@ -13,8 +13,8 @@ from random_params import random_params
 
 from cbd_jax.checkpoints import hf_io
 from cbd_jax.evaluation import heldout
-from cbd_jax.interpolation import calibrate, resize, sizing, target
-from cbd_jax.model import decoder
+from cbd_jax.interpolation import calibrate, sizing, target
+from cbd_jax.model import decoder, layout
 from cbd_jax.model.config import ModelConfig, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,8 +202,8 @@ def test_calibration_reads_only_the_calibration_text(anchors, tmp_path):
         seq_len=16, eval_tokens=136, calib_tokens=170, dtype="bfloat16", log=lines.append))
     assert any("held-out perplexity on 128 tokens" in line for line in lines), lines
   a, b = (hf_io.load_hf(tmp_path / f"t{i}")[1] for i in range(2))
-  jax_equal = [np.array_equal(x, y) for x, y in zip(resize.flatten(a).values(),
-                                                      resize.flatten(b).values(), strict=True)]
+  jax_equal = [np.array_equal(x, y) for x, y in zip(layout.flatten(a).values(),
+                                                      layout.flatten(b).values(), strict=True)]
   assert all(jax_equal)  # The held-out text changed; the target did not.
   first = summaries[0]
   # Two calibration rows of 128 tokens: the fewest whole rows that hold 170 tokens.

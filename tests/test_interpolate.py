@@ -6,7 +6,7 @@ import pytest
 from random_params import random_params
 
 from cbd_jax.interpolation import align, mixing, resize
-from cbd_jax.model import decoder
+from cbd_jax.model import decoder, layout
 from cbd_jax.model.config import FAMILIES, ModelConfig, num_params
 
 
@@ -59,12 +59,12 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   alpha = mixing.default_alpha(small[0], large[0], target)
-  out = resize.flatten(mixing.interpolate(small, large, target, rule="plain",
+  out = layout.flatten(mixing.interpolate(small, large, target, rule="plain",
                                                depth="identity", align_layers=False,
                                                align_units=False))
-  grown = resize.flatten(resize.grow(*small, target))
-  shrunk = resize.flatten(resize.shrink(*large, target))
-  assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
+  grown = layout.flatten(resize.grow(*small, target))
+  shrunk = layout.flatten(resize.shrink(*large, target))
+  assert {p: x.shape for p, x in out.items()} == layout.param_shapes(target)
   for path, x in out.items():
     np.testing.assert_allclose(x, alpha * grown[path] + (1 - alpha) * shrunk[path], atol=1e-6)
 
@@ -74,9 +74,9 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
   kw = dict(depth="identity", align_layers=False, align_units=False)
-  plain = resize.flatten(mixing.interpolate(small, large, target, alpha, "plain", **kw))
-  renorm = resize.flatten(mixing.interpolate(small, large, target, alpha, "whole", **kw))
-  shrunk = resize.flatten(resize.shrink(*large, target))
+  plain = layout.flatten(mixing.interpolate(small, large, target, alpha, "plain", **kw))
+  renorm = layout.flatten(mixing.interpolate(small, large, target, alpha, "whole", **kw))
+  shrunk = layout.flatten(resize.shrink(*large, target))
   up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
   np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
   np.testing.assert_allclose(plain[up][:, 48:], 0.3 * shrunk[up][:, 48:], atol=1e-7)
@@ -85,7 +85,7 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
   # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
-  zero = resize.flatten(mixing.interpolate(small, large, target, alpha, "whole",
+  zero = layout.flatten(mixing.interpolate(small, large, target, alpha, "whole",
                                                 depth="zero", align_layers=False,
                                                 align_units=False))
   for path, x in zero.items():
@@ -150,11 +150,11 @@ def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
     small_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, depth)[0]
     grown = resize.resize(small_cfg, small, target, fill="zero", depth=depth, layer_map=small_map)
     np.testing.assert_allclose(decoder.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
-  mixed = resize.flatten(mixing.interpolate((small_cfg, small), (large_cfg, large), target,
+  mixed = layout.flatten(mixing.interpolate((small_cfg, small), (large_cfg, large), target,
                                                  0.5))
   scale = "layers/attn_norm/scale"
-  np.testing.assert_allclose(mixed[scale][4], 0.5 * resize.flatten(small)[scale][2]
-                             + 0.5 * resize.flatten(large)[scale][5], atol=1e-6)
+  np.testing.assert_allclose(mixed[scale][4], 0.5 * layout.flatten(small)[scale][2]
+                             + 0.5 * layout.flatten(large)[scale][5], atol=1e-6)
 
 
 def test_monotone_layer_matching_recovers_a_noisy_subset():

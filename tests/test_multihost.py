@@ -26,15 +26,14 @@ def train(process_index: int, process_count: int):
   sys.path.insert(0, str(HERE))
   from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params
 
-  from cbd_jax.chain.driver import global_batch
-  from cbd_jax.chain.driver import host_params as gather
   from cbd_jax.distill.train_step import (
     make_init_state,
     make_optimizer,
     make_train_step,
     place_params,
   )
-  from cbd_jax.model.sharding import make_mesh, tree_shardings
+  from cbd_jax.model.sharding import global_batch, make_mesh, tree_shardings
+  from cbd_jax.model.sharding import host_params as gather
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   opt, sched = make_optimizer(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1)
@@ -64,10 +63,9 @@ def fill_cache(process_index: int, folder: Path) -> dict:
   sys.path.insert(0, str(HERE))
   from test_train_step import TEACHER, _batches, host_params
 
-  from cbd_jax.chain.link import sync
   from cbd_jax.distill import teacher_cache
   from cbd_jax.distill.train_step import place_params
-  from cbd_jax.model.sharding import DEFAULT_RULES, make_mesh, tree_shardings
+  from cbd_jax.model.sharding import DEFAULT_RULES, make_mesh, sync, tree_shardings
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   teacher = host_params(TEACHER, 2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cbd_jax import cli
+from cbd_jax import cli, errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/qwen_chain.py:smoke"
@@ -68,7 +68,7 @@ def test_train_chain_bad_config_is_one_line(args, expected):
      "--config.chain[0].steps: no value; write --config.chain[0].steps=VALUE"),
 ])
 def test_load_config_errors(spec, overrides, expected):
-  with pytest.raises(cli.UsageError) as e:
+  with pytest.raises(errors.UsageError) as e:
     cli.load_config(spec, overrides)
   assert str(e.value) == expected
 
@@ -98,12 +98,12 @@ def test_damaged_download_archive_names_the_file_and_the_fix(tmp_path):
 
 def test_debug_shows_the_traceback(monkeypatch):
   def main(args):
-    raise cli.UsageError("bad")
+    raise errors.UsageError("bad")
 
-  with pytest.raises(cli.UsageError, match="bad"):  # Raised as is: Python prints the traceback.
+  with pytest.raises(errors.UsageError, match="bad"):  # Raised as is: Python prints the traceback.
     cli.run(main, ["--debug"])
   monkeypatch.setenv("CBD_DEBUG", "1")
-  with pytest.raises(cli.UsageError, match="bad"):
+  with pytest.raises(errors.UsageError, match="bad"):
     cli.run(main, [])
 
 

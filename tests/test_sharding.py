@@ -7,8 +7,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax.distill.train_step import abstract_params
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
 from cbd_jax.model.sharding import (
   batch_sharding,
   constrain_batch,

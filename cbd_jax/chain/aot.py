@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from cbd_jax.checkpoints import hf_config
 from cbd_jax.distill import train_step
+from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig, num_params
 from cbd_jax.model.sharding import batch_sharding, make_mesh, parse_rules, tree_shardings
 
@@ -143,10 +144,10 @@ def chip_bytes(tree: Any) -> int:
 def abstract_inputs(link, student: ModelConfig, teacher: ModelConfig, optimizer, mesh, rules,
                     eval_rows: int):
   """(state, teacher params, train batch [M, B, T], eval batch [E, T]) as sharded abstracts."""
-  s_shapes = train_step.abstract_params(student)
+  s_shapes = decoder.abstract_params(student)
   state_shapes = jax.eval_shape(lambda p: train_step.init_train_state(p, optimizer), s_shapes)
   state = _abstract(state_shapes, train_step.state_shardings(student, optimizer, mesh, rules))
-  t_shapes = train_step.abstract_params(teacher, jnp.dtype(teacher.dtype))
+  t_shapes = decoder.abstract_params(teacher, jnp.dtype(teacher.dtype))
   t_params = _abstract(t_shapes, tree_shardings(t_shapes, mesh, rules))
   m, b, t = int(link.microbatches), int(link.batch_size), int(link.seq_len)
 
@@ -223,7 +224,7 @@ def _flops(compiled) -> float:
 def compile_link(config, link, student: ModelConfig, teacher: ModelConfig, mesh,
                  with_eval: bool = True) -> LinkReport:
   """Compiles one link's train (and eval) step on ``mesh``; per-chip memory, FLOPs and fit."""
-  from cbd_jax.chain.link import link_steps
+  from cbd_jax.chain.checks import link_steps
   from cbd_jax.model.sharding import data_parallel_size
 
   rules = parse_rules(config.get("sharding_rules"))

@@ -31,15 +31,14 @@ from cbd_jax.chain.link import (
   LinkKind,
   LinkRun,
   evaluate_lm,
-  global_batch,
   summarize_lm,
-  sync,
 )
 from cbd_jax.checkpoints import hf_io
 from cbd_jax.distill import bridge_data, bridge_step, lm_step, seqkd, vocab_bridge
 from cbd_jax.distill.train_step import LossSettings
 from cbd_jax.evaluation import heldout
 from cbd_jax.model.config import ModelConfig, num_params
+from cbd_jax.model.sharding import global_batch, sync
 
 log = logging.getLogger(__name__)
 BRIDGES = ("vocab", "seqkd")

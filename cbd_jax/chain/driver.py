@@ -24,22 +24,15 @@ import numpy as np
 
 from cbd_jax import data
 from cbd_jax.chain import bridge_link, checks, guards, metrics, source
-from cbd_jax.chain.checks import link_steps  # noqa: F401  (the chain's API)
-from cbd_jax.chain.link import (  # noqa: F401  (global_batch, host_params: the chain's API)
-  LinkKind,
-  LinkRun,
-  global_batch,
-  host_params,
-  sync,
-  train_link,
-)
+from cbd_jax.chain.checks import link_steps
+from cbd_jax.chain.link import LinkKind, LinkRun, train_link
 from cbd_jax.checkpoints import hf_io, manifest
 from cbd_jax.distill import hidden_bridge, teacher_cache
 from cbd_jax.distill.train_step import LossSettings, make_eval_step, make_train_step, place_params
 from cbd_jax.interpolation import prune
 from cbd_jax.model.config import ModelConfig
 from cbd_jax.model.decoder import init_params
-from cbd_jax.model.sharding import make_mesh, tree_shardings
+from cbd_jax.model.sharding import global_batch, make_mesh, sync, tree_shardings
 
 log = logging.getLogger(__name__)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",

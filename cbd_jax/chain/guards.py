@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 
-from cbd_jax.chain.metrics import json_safe
+from cbd_jax.files import json_safe, process_alive
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"
@@ -104,19 +104,6 @@ def _read_holder(path: Path) -> dict[str, Any]:
     return json.loads(text) if text else {}
   except (OSError, ValueError):
     return {}
-
-
-def process_alive(pid: int) -> bool:
-  """Whether a process of this host with that pid runs (one we may not signal counts as alive)."""
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 # --- config fingerprints ------------------------------------------------------------------------

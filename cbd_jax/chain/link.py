@@ -21,23 +21,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
+from cbd_jax import files
 from cbd_jax.chain import guards, metrics
 from cbd_jax.chain.checks import check_batch, link_steps
 from cbd_jax.checkpoints import hf_io, orbax_io
 from cbd_jax.distill.train_step import (
-  abstract_params,
   init_train_state,
   make_optimizer,
   place_params,
   state_shardings,
 )
 from cbd_jax.model.config import ModelConfig, num_params
+from cbd_jax.model.decoder import abstract_params
 from cbd_jax.model.sharding import (
-  batch_sharding,
+  global_batch,
+  host_params,
   make_mesh,
   parse_rules,
+  sync,
   tree_shardings,
 )
 
@@ -134,36 +136,6 @@ def compute_config(config: ModelConfig, link, teacher: bool = False) -> ModelCon
   return config.replace(dtype=dtype, remat=bool(link.get("remat")) and not teacher)
 
 
-def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``.
-
-  Each batch shard must live on one process's devices (true when the tensor axis stays within a
-  host, as ``jax.make_mesh`` lays meshes out); the rows' order across processes does not matter,
-  since losses are token sums.
-  """
-  pc = jax.process_count()
-  sh = batch_sharding(mesh, ndim=local["ids"].ndim, leading=leading)
-
-  def one(x):
-    shape = list(x.shape)
-    shape[leading] *= pc
-    return jax.make_array_from_process_local_data(sh, x, tuple(shape))
-  return {k: one(v) for k, v in local.items()}
-
-
-def host_params(params: Any) -> Any:
-  """Full numpy copies of (possibly multi-host sharded) arrays on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(params)
-  return multihost_utils.process_allgather(params, tiled=True)
-
-
-def sync(name: str) -> None:
-  """A barrier of every process (nothing on one host)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _progress(total: int, initial: int, name: str, enabled: bool):
   from tqdm.auto import tqdm
 
@@ -201,7 +173,7 @@ class Reporter:
     self.tokens_per_step = run.tokens_per_step
     self.bar = _progress(steps, start, run.link.name, lead and config.log.progress)
     self.sums, self.last = defaultdict(float), {}
-    self.windows = (metrics.read_json(self.window_path) or {}) if lead else {}
+    self.windows = (files.read_json(self.window_path) or {}) if lead else {}
     if str(start) in self.windows:
       self.sums.update(self.windows[str(start)]["sums"])
       self.last = dict(self.windows[str(start)]["last"])
@@ -214,7 +186,7 @@ class Reporter:
       self.windows[str(step)] = {"sums": dict(self.sums), "last": self.last}
       recent = sorted(self.windows, key=int)[-4:]
       self.windows = {k: self.windows[k] for k in recent}
-      metrics.write_json(self.window_path, self.windows)
+      files.write_json(self.window_path, self.windows)
 
   def add(self, step: int, m: dict[str, Any]) -> None:
     """One step's host metrics; writes the window's means every ``log.every`` steps.

@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from cbd_jax.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -45,17 +47,6 @@ class TokenAverager:
 
   def reset(self) -> None:
     self.__init__()
-
-
-def json_safe(obj: Any) -> Any:
-  """``obj`` with non-finite floats written as strings ("nan", "inf"): valid JSON, still read."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return str(obj)
-  if isinstance(obj, dict):
-    return {k: json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  return obj
 
 
 def perplexity(ce: float) -> float:
@@ -119,27 +110,6 @@ def truncate_jsonl(path: str | os.PathLike, keep) -> None:
     log.info("%s: dropping %d rows written after the checkpoint resumed from", path,
              len(rows) - len(kept))
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Replaces a file whole (write beside, then rename), so a crash never leaves half of it."""
-  path = Path(path)
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, doc: Any) -> None:
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(path, json.dumps(doc) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-  """A JSON file's content, or None when it is missing or unreadable."""
-  try:
-    return json.loads(Path(path).read_text())
-  except (OSError, ValueError):
-    return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from cbd_jax import files
 from cbd_jax.chain import checks, guards, source
 from cbd_jax.chain.checks import link_steps
 from cbd_jax.chain.driver import KDLink
@@ -154,6 +155,12 @@ def train_target(config) -> dict[str, Any]:
     return _train(config, workdir, out, state)
 
 
+def _record(path: Path, doc: dict[str, Any]) -> None:
+  """A JSON record of the run (its state, the export's summary), written by process 0."""
+  if jax.process_index() == 0:
+    files.write_json(path, doc)
+
+
 def _train(config, workdir: Path, out: Path, state: dict[str, Any]) -> dict[str, Any]:
   """Runs the recovery link and records its state (and the export's summary when done)."""
   t_config = t_params = None
@@ -166,17 +173,17 @@ def _train(config, workdir: Path, out: Path, state: dict[str, Any]) -> dict[str,
     entry = dict(state, name=config.name, model=str(config.model), out=str(out),
                  status="running", config=manifest.running_entry({}, s_config)["config"],
                  num_params=num_params(s_config))
-    manifest.write_json(workdir / STATE, entry)
+    _record(workdir / STATE, entry)
     return entry
 
   try:
     done = train_link(RecoveryLink(run), dict(state, model=str(config.model)), on_start)
   except guards.Stopped as stop:
-    manifest.write_json(workdir / STATE, stop.entry)
+    _record(workdir / STATE, stop.entry)
     raise
-  manifest.write_json(workdir / STATE, done)
+  _record(workdir / STATE, done)
   if done["status"] == "done":
     summary = {k: done[k] for k in ("initialised_from", "teacher", "teacher_flops", "tokens",
                                     "steps", "eval", "num_params")}
-    manifest.write_json(out / SUMMARY, dict(summary, loss=dict(config.loss)))
+    _record(out / SUMMARY, dict(summary, loss=dict(config.loss)))
   return done

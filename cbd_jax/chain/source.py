@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 
 from cbd_jax import data
 from cbd_jax.checkpoints import hf_io
-from cbd_jax.distill.train_step import abstract_params
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
 
 log = logging.getLogger(__name__)
 

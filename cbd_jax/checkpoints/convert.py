@@ -15,8 +15,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from cbd_jax.interpolation.resize import param_shapes
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.layout import param_shapes
 
 Arrays = list[np.ndarray]
 # Buffers some GPT-2 files carry (causal-mask constants), not parameters.

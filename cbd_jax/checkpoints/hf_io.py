@@ -22,7 +22,6 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from cbd_jax.chain.guards import process_alive
 from cbd_jax.checkpoints import convert, hf_config
 from cbd_jax.checkpoints.gguf_io import read_gguf
 from cbd_jax.checkpoints.safetensors_io import (
@@ -31,7 +30,8 @@ from cbd_jax.checkpoints.safetensors_io import (
   read_safetensors,
   save_sharded,
 )
-from cbd_jax.cli import one_line
+from cbd_jax.errors import one_line
+from cbd_jax.files import process_alive
 from cbd_jax.model.config import DTYPES, ModelConfig, check_dtype
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 
-from cbd_jax.chain.metrics import json_safe, write_text_atomic
 from cbd_jax.checkpoints import hf_io
+from cbd_jax.files import write_json
 from cbd_jax.model.config import ModelConfig, num_params
 
 MANIFEST = "chain.json"
@@ -42,13 +42,8 @@ def running_entry(entry: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
 
 def save(workdir: Path, doc: dict[str, Any]) -> None:
   """Replaces the manifest whole (process 0 only); never bare NaN or Infinity in the file."""
-  write_json(Path(workdir) / MANIFEST, doc)
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-  """A run's JSON record, replaced whole by process 0 (non-finite floats written as strings)."""
   if jax.process_index() == 0:
-    write_text_atomic(path, json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    write_json(Path(workdir) / MANIFEST, doc)
 
 
 def _invalid(path: Path, what: str) -> ValueError:

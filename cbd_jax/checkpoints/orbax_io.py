@@ -1,5 +1,8 @@
-"""Orbax checkpoints of a student's TrainState (step, fp32 params, optimizer state); never the
+"""Orbax checkpoints of a student's train state (step, fp32 params, optimizer state); never the
 teacher's params, which are re-read from their anchor folder when a link resumes.
+
+A state is any dataclass of arrays with a ``step`` field (`distill.step_core.TrainState`); it is
+saved as the tree of its fields and restored into the dataclass of the abstract state given.
 
 Every process calls save/restore (Orbax coordinates multi-host writes); restored arrays come back
 with the shardings of the abstract state passed in, so a checkpoint written on one mesh can be
@@ -8,6 +11,7 @@ read on another.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cbd_jax.distill.train_step import TrainState
-
 log = logging.getLogger(__name__)
+State = Any  # A dataclass of arrays with a ``step`` field.
 
 
 def make_checkpoint_manager(directory: str | os.PathLike, save_every: int,
@@ -33,11 +36,11 @@ def make_checkpoint_manager(directory: str | os.PathLike, save_every: int,
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def _as_tree(state: TrainState) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+def _as_tree(state: State) -> dict[str, Any]:
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
-def save_state(manager: ocp.CheckpointManager, state: TrainState, force: bool = False) -> bool:
+def save_state(manager: ocp.CheckpointManager, state: State, force: bool = False) -> bool:
   """Saves ``state`` under its step if the interval says so (or ``force``); True if it saved."""
   step = int(jax.device_get(state.step))
   if force and step in manager.all_steps():
@@ -101,7 +104,7 @@ def _agree(verdict: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.array([verdict], np.int32))))
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: State) -> State | None:
   """The newest intact saved state, placed like ``abstract_state`` (ShapeDtypeStructs with
   shardings); None when there is none.
 
@@ -131,7 +134,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -
       _set_aside(manager, step, error)
       continue
     log.info("restored checkpoint at step %d", step)
-    return TrainState(tree["step"], tree["params"], tree["opt_state"])
+    return dataclasses.replace(abstract_state, **tree)
   return None
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cbd_jax.files import process_alive
+
 FORMAT = 2
 INDEX = "index.json"
 _BYTES_PER_WORKER = 16 << 20
@@ -246,8 +248,6 @@ def _part_prefix(folder: Path) -> str:
 
 def _drop_dead_parts(folder: Path) -> None:
   """Removes the hidden build folders that killed writers of this host left beside ``folder``."""
-  from cbd_jax.chain.guards import process_alive  # Here: the tokeniser workers need not import jax.
-
   prefix = _part_prefix(folder)
   for part in folder.parent.glob(f"{prefix}*.part"):
     pid = part.name[len(prefix):-len(".part")]

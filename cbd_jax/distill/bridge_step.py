@@ -22,9 +22,10 @@ from jax.sharding import PartitionSpec as P
 
 from cbd_jax.distill import losses, step_core, vocab_bridge
 from cbd_jax.distill.fused_loss import fused_cross_entropy
-from cbd_jax.distill.train_step import LossSettings, abstract_params, state_shardings
+from cbd_jax.distill.train_step import LossSettings, state_shardings
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
 from cbd_jax.model.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
 
 BATCH_KEYS = ("ids", "labels", "mask", "teacher_ids", "teacher_pos", "student_pos", "pair_mask")

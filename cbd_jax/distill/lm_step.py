@@ -19,9 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from cbd_jax.distill import step_core
 from cbd_jax.distill.fused_loss import fused_cross_entropy
-from cbd_jax.distill.train_step import abstract_params, state_shardings
+from cbd_jax.distill.train_step import state_shardings
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
 from cbd_jax.model.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
 
 

@@ -37,13 +37,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cbd_jax import data
-from cbd_jax.chain.link import global_batch
 from cbd_jax.distill import losses, step_core
 from cbd_jax.distill.fused_loss import chunk_positions, fused_distill_loss
-from cbd_jax.distill.train_step import LossSettings, abstract_params, state_shardings
+from cbd_jax.distill.train_step import LossSettings, state_shardings
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
-from cbd_jax.model.sharding import batch_sharding, tree_shardings
+from cbd_jax.model.decoder import abstract_params
+from cbd_jax.model.sharding import batch_sharding, global_batch, tree_shardings
 
 log = logging.getLogger(__name__)
 INDEX = "cache.json"

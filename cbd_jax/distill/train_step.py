@@ -27,6 +27,7 @@ from cbd_jax.distill.fused_loss import fused_cross_entropy, fused_distill_loss, 
 from cbd_jax.distill.step_core import TrainState, compute_params
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
 from cbd_jax.model.sharding import DEFAULT_RULES, batch_sharding, tree_shardings
 
 Params = dict[str, Any]
@@ -85,11 +86,6 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
   """Step 0, fp32 master params, fresh optimizer state."""
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
-
-def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
-  """ShapeDtypeStructs of a model's params (nothing allocated)."""
-  return jax.eval_shape(lambda: decoder.init_params(config, jax.random.key(0), dtype))
 
 
 def state_shardings(config: ModelConfig, optimizer, mesh: Mesh,

@@ -15,12 +15,13 @@ import numpy as np
 import scipy.optimize
 
 from cbd_jax.interpolation import resize
+from cbd_jax.model import layout
 from cbd_jax.model.config import ModelConfig
 
 
 def layer_signatures(config: ModelConfig, params: dict, channels: int) -> np.ndarray:
   """[L, 4 * channels]: per layer, the z-scored attn/mlp norm scales and o/down row norms."""
-  flat = resize.flatten(params)
+  flat = layout.flatten(params)
   o = np.asarray(flat["layers/attn/o/weight"], np.float32)[:, :channels]
   down = np.asarray(flat["layers/mlp/down/weight"], np.float32)[:, :channels]
   parts = [np.asarray(flat["layers/attn_norm/scale"], np.float32)[:, :channels],
@@ -142,7 +143,7 @@ def _order(matched: np.ndarray, n: int, scores: np.ndarray | None) -> np.ndarray
 def permute_units(config: ModelConfig, flat: dict, kind: str, perm: np.ndarray,
              layer: int | None = None) -> None:
   """Reorders the ``kind`` units of every leaf in ``flat`` (of one layer, in place, or of all)."""
-  for path, spec in resize.leaf_specs(config).items():
+  for path, spec in layout.leaf_specs(config).items():
     for axis, (k, _) in enumerate(spec):
       if k == kind and layer is None:
         flat[path] = np.take(flat[path], perm, axis=axis)
@@ -184,13 +185,13 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
   if cs.hidden_size <= cl.hidden_size:
     sim = _features([np.asarray(fs["embed/embedding"], np.float32).T],
                     [np.asarray(fl["embed/embedding"], np.float32).T])
-    scores = resize.unit_scores(cl, resize.unflatten(fl))["D"] if scored else None
+    scores = resize.unit_scores(cl, layout.unflatten(fl))["D"] if scored else None
     permute_units(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
-  m = depth_counterparts(cs, small_params, cl, resize.unflatten(fl))
+  m = depth_counterparts(cs, small_params, cl, layout.unflatten(fl))
   gs, gl = cs.num_heads // cs.num_kv_heads, cl.num_heads // cl.num_kv_heads
   for j, b in enumerate(m):
     small, large = _layer_slices(cs, fs, j, d), _layer_slices(cl, fl, b, d)
-    scores = resize.unit_scores(cl, resize.unflatten(fl), layer=b) if scored else {}
+    scores = resize.unit_scores(cl, layout.unflatten(fl), layer=b) if scored else {}
     if cs.intermediate_size <= cl.intermediate_size:
       matched = assign(_features(small["F"], large["F"]))
       permute_units(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)
@@ -212,4 +213,4 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
                        None if head_scores is None else head_scores[heads_l])
       head_order.append(heads_l[local])
     permute_units(cl, fl, "H", np.concatenate(head_order), b)
-  return resize.unflatten(fl)
+  return layout.unflatten(fl)

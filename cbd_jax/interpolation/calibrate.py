@@ -25,7 +25,7 @@ import numpy as np
 from cbd_jax.distill.fused_loss import fused_kd_loss
 from cbd_jax.evaluation import heldout
 from cbd_jax.interpolation import align, importance, mixing, resize
-from cbd_jax.model import decoder
+from cbd_jax.model import decoder, layout
 from cbd_jax.model.config import ModelConfig
 
 LAYER_CHOICES = ("even", "influence", "greedy")
@@ -229,14 +229,14 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
 def scale_outputs(params: dict, scales_Lx2) -> dict:
   """``params`` with layer l's attention output (o) scaled by scales[l, 0] and its MLP output
   (down) by scales[l, 1] (their biases too): per-layer residual-branch gains."""
-  flat = dict(resize.flatten(params))
+  flat = dict(layout.flatten(params))
   for path, col in (("layers/attn/o/", 0), ("layers/mlp/down/", 1)):
     for leaf in ("weight", "bias"):
       if path + leaf in flat:
         x = flat[path + leaf]
         s = scales_Lx2[:, col].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
         flat[path + leaf] = x * s
-  return resize.unflatten(flat)
+  return layout.unflatten(flat)
 
 
 @functools.partial(jax.jit, static_argnums=0)

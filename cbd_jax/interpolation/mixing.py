@@ -17,6 +17,7 @@ import numpy as np
 
 from cbd_jax.evaluation import heldout
 from cbd_jax.interpolation import align, resize
+from cbd_jax.model import layout
 from cbd_jax.model.config import ModelConfig, num_params
 
 Anchor = tuple[ModelConfig, dict]
@@ -56,15 +57,15 @@ def output_damp_mask(target: ModelConfig, unfilled: dict[str, np.ndarray]) -> di
   """Per leaf, True where a padded unit writes the residual stream: an axis of a padded layer,
   FFN neuron or head in the role that reads the unit (o, down), or any padded residual channel."""
   out = {}
-  for path, spec in resize.leaf_specs(target).items():
+  for path, spec in layout.leaf_specs(target).items():
     mask = np.zeros((), bool)
     for axis, (kind, role) in enumerate(spec):
-      if kind in unfilled and (kind == "D" or role == resize.SPLIT):
+      if kind in unfilled and (kind == "D" or role == layout.SPLIT):
         shape = [1] * len(spec)
         shape[axis] = -1
         mask = mask | unfilled[kind].reshape(shape)
-    out[path] = np.broadcast_to(mask, tuple(resize.axis_sizes(target)[k] for k, _ in spec))
-  return resize.unflatten(out)
+    out[path] = np.broadcast_to(mask, tuple(layout.axis_sizes(target)[k] for k, _ in spec))
+  return layout.unflatten(out)
 
 
 def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_method="leading",

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from cbd_jax.interpolation import align, importance, resize
+from cbd_jax.model import layout
 from cbd_jax.model.config import ModelConfig
 
 SHRINKS = ("activation", "weight_norm", "leading")
@@ -55,7 +56,7 @@ def order_units(config: ModelConfig, params: dict, scores: dict[str, np.ndarray]
              for g in groups]
     align.permute_units(config, flat, "K", groups, layer)
     align.permute_units(config, flat, "H", np.concatenate(heads), layer)
-  return resize.unflatten(flat)
+  return layout.unflatten(flat)
 
 
 def rescale_norms(params: dict, stats: dict[str, np.ndarray], channels: np.ndarray,

@@ -313,6 +313,11 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> Param
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> dict:
+  """ShapeDtypeStructs of a model's params (nothing allocated)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
 def head_weight(config: ModelConfig, params: Params) -> jax.Array:
   """The output embedding [V, D]: the input embedding when tied, else ``lm_head``."""
   return params["embed"]["embedding"] if config.tie_embeddings else params["lm_head"]["weight"]

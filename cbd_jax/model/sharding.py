@@ -6,6 +6,9 @@ of ``(regex, PartitionSpec)`` searched against the "/"-joined path of each leaf;
 wins. Because ``re.search`` is used, a rule for ``layers/mlp/up/weight$`` also places the Adam
 moments stored under ``.../mu/layers/mlp/up/weight``. A mesh axis that does not divide a dimension
 is dropped for that leaf (the dimension is replicated), so one rule set serves every model shape.
+
+Across processes: `global_batch` makes global arrays of each process's rows, `host_params` full
+host copies of sharded ones, `sync` a barrier.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -232,3 +236,36 @@ def parse_rules(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, P], .
     entries = [tuple(a) if isinstance(a, (list, tuple)) else a for a in axes]
     out.append((str(pattern), P(*entries)))
   return tuple(out) + ((r".*", P()),)
+
+
+# --- arrays across processes -------------------------------------------------------------------
+
+
+def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over (data, fsdp) on axis ``leading``.
+
+  Each batch shard must live on one process's devices (true when the tensor axis stays within a
+  host, as ``jax.make_mesh`` lays meshes out); the rows' order across processes does not matter,
+  since losses are token sums.
+  """
+  pc = jax.process_count()
+  sh = batch_sharding(mesh, ndim=local["ids"].ndim, leading=leading)
+
+  def one(x):
+    shape = list(x.shape)
+    shape[leading] *= pc
+    return jax.make_array_from_process_local_data(sh, x, tuple(shape))
+  return {k: one(v) for k, v in local.items()}
+
+
+def host_params(params: Any) -> Any:
+  """Full numpy copies of (possibly multi-host sharded) arrays on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+def sync(name: str) -> None:
+  """A barrier of every process (nothing on one host)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
