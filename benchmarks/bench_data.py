@@ -112,11 +112,12 @@ def prefix_file(path: Path, mb: int, suffix: str = ".txt") -> Path:
 def old_load_tokens(source: str, tokenizer) -> np.ndarray:
   """The previous in-memory tokeniser: every batch's ids kept, then concatenated."""
   from cbd_jax import data
+  from cbd_jax.data import documents
 
   ds = data.load_documents(source)
   chunks = []
-  for texts in data._documents(ds, "text"):
-    ids = data._encode(tokenizer, texts)
+  for texts in documents.iter_documents(ds, "text"):
+    ids = documents.encode(tokenizer, texts)
     if ids:
       chunks.append(np.fromiter((t for x in ids for t in x), np.uint32))
   return np.concatenate(chunks)

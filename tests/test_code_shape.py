@@ -23,8 +23,8 @@ def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
       base = node.module
       if node.level:  # Relative: resolve against the package of ``name``.
         base = ".".join(name.split(".")[:-node.level] + [node.module])
-      out.add(base)
-      out.update(f"{base}.{a.name}" for a in node.names)
+      for a in node.names:  # A submodule by name, else an attribute of the module ``base``.
+        out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
   return {m for m in out if m in known and m != name and m != "cbd_jax"}
 
 

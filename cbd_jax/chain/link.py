@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import logging
 import signal
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbd_jax import files
 from cbd_jax.chain import guards, metrics
 from cbd_jax.chain.checks import check_batch, link_steps
 from cbd_jax.checkpoints import hf_io, orbax_io
@@ -136,99 +133,6 @@ def compute_config(config: ModelConfig, link, teacher: bool = False) -> ModelCon
   return config.replace(dtype=dtype, remat=bool(link.get("remat")) and not teacher)
 
 
-def _progress(total: int, initial: int, name: str, enabled: bool):
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
-              disable=not enabled, mininterval=1.0, smoothing=0.1)
-
-
-def _kept_on_resume(row: dict[str, Any], start: int, steps: int) -> bool:
-  """Rows a link resumed at ``start`` keeps: those written up to its checkpoint, but not the
-  final evaluation of a link that is exported again (it is measured again)."""
-  if row["step"] != start:
-    return row["step"] < start
-  return start < steps or not any(key.startswith("eval/") for key in row)
-
-
-class Reporter:
-  """Training metrics per logging window -> JSONL, the progress bar, log lines.
-
-  Exact across resumes: a resumed link drops the rows a killed run wrote after its checkpoint,
-  and picks up the open window's sums saved beside the checkpoint (`save_window`), so its rows
-  equal an uninterrupted run's (but for time and throughput).
-  """
-
-  def __init__(self, run: LinkRun, kind: LinkKind, steps: int, start: int, lead: bool):
-    config = run.config
-    self.name, self.kind, self.steps = run.link.name, kind, steps
-    path = run.workdir / "metrics" / f"{run.link.name}.jsonl"
-    self.window_path = path.with_suffix(".window.json")
-    if lead:
-      metrics.truncate_jsonl(path, functools.partial(_kept_on_resume, start=start, steps=steps))
-    self.writer = metrics.MetricsWriter(
-        path, run.workdir / "tensorboard" / run.link.name if config.log.get("tensorboard")
-        else None, enabled=lead)
-    self.every, self.quiet, self.lead = config.log.every, not config.log.progress, lead
-    self.tokens_per_step = run.tokens_per_step
-    self.bar = _progress(steps, start, run.link.name, lead and config.log.progress)
-    self.sums, self.last = defaultdict(float), {}
-    self.windows = (files.read_json(self.window_path) or {}) if lead else {}
-    if str(start) in self.windows:
-      self.sums.update(self.windows[str(start)]["sums"])
-      self.last = dict(self.windows[str(start)]["last"])
-    self.t_window, self.timed, self.rate = time.time(), -1, float("nan")
-
-  def save_window(self, step: int) -> None:
-    """Saves the open window's sums with a checkpoint at ``step`` (lead process only); the last
-    few are kept, as a checkpoint being written when the run dies is not the one resumed from."""
-    if self.lead:
-      self.windows[str(step)] = {"sums": dict(self.sums), "last": self.last}
-      recent = sorted(self.windows, key=int)[-4:]
-      self.windows = {k: self.windows[k] for k in recent}
-      files.write_json(self.window_path, self.windows)
-
-  def add(self, step: int, m: dict[str, Any]) -> None:
-    """One step's host metrics; writes the window's means every ``log.every`` steps.
-
-    Throughput leaves out the run's first step (mostly compilation) and evaluation time.
-    """
-    for key, value in m.items():
-      if key.endswith("_sum") or key in ("count", "pairs"):
-        self.sums[key] += float(value)
-      elif key != "loss":
-        self.last[key] = float(value)
-    if self.timed < 0:
-      self.t_window, self.timed = time.time(), 0
-    else:
-      self.timed += 1
-    if step % self.every and step != self.steps:
-      return
-    means = dict(self.kind.summarize(self.sums), **self.last)
-    if self.timed:  # Else (a window of one step after a pause) the last rate stands.
-      self.rate = self.timed * self.tokens_per_step / (time.time() - self.t_window)
-    means["tokens_per_s"] = self.rate
-    self.writer.write(step, means, "train/")
-    shown = {k: f"{means[k]:.4f}" for k in ("loss", "kd") if k in means}
-    self.bar.set_postfix(**shown, tok_s=f"{self.rate:.0f}", refresh=False)
-    if self.quiet and self.lead:
-      log.info("link %s step %d/%d %s tok/s %.0f", self.name, step, self.steps,
-               " ".join(f"{k} {v}" for k, v in shown.items()), self.rate)
-    self.sums, self.last = defaultdict(float), {}
-    self.t_window, self.timed = time.time(), 0
-
-  def evaluated(self, step: int, evals: dict[str, float]) -> None:
-    """Writes held-out metrics; throughput restarts after the time spent evaluating."""
-    self.timed = -1
-    self.writer.write(step, evals, "eval/")
-    shown = " ".join(f"{k} {evals[k]:.4f}" for k in ("kl", "ce", "ppl") if k in evals)
-    self.bar.set_postfix_str(f"eval {shown}", refresh=False)
-
-  def close(self) -> None:
-    self.bar.close()
-    self.writer.close()
-
-
 @dataclasses.dataclass
 class _Loop:
   """What the step loop runs with."""
@@ -237,7 +141,7 @@ class _Loop:
   teacher_params: Any
   mesh: Any
   manager: Any
-  reporter: Reporter
+  reporter: metrics.Reporter
 
 
 class NonFiniteError(ValueError):
@@ -379,7 +283,7 @@ def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any
   if not kind.keeps_host_teacher:
     run.t_params = None  # The host copy is no longer needed.
   start = int(jax.device_get(state.step))
-  reporter = Reporter(run, kind, steps, start, jax.process_index() == 0)
+  reporter = metrics.Reporter(run, kind, steps, start, jax.process_index() == 0)
   log.info("link %s (%s): %s (%s params) <- %s, steps %d..%d of %d tokens each", run.link.name,
            kind.name, s_config.family, f"{num_params(s_config):,}", run.teacher_path or "data",
            start, steps, run.tokens_per_step)

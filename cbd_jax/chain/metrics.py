@@ -1,11 +1,14 @@
 """Metrics: token-weighted averages over logging windows, JSONL on disk, TensorBoard if present.
 
 Steps report sums and token counts (never per-batch means), so a window's average is
-sum(sums) / sum(counts): exact however batches, devices or hosts split the tokens.
+sum(sums) / sum(counts): exact however batches, devices or hosts split the tokens. A link's
+`Reporter` turns its step metrics into those rows, the progress bar and log lines, exactly
+across resumes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -15,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cbd_jax.files import write_text_atomic
+from cbd_jax.files import read_json, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +121,96 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
+              disable=not enabled, mininterval=1.0, smoothing=0.1)
+
+
+def _kept_on_resume(row: dict[str, Any], start: int, steps: int) -> bool:
+  """Rows a link resumed at ``start`` keeps: those written up to its checkpoint, but not the
+  final evaluation of a link that is exported again (it is measured again)."""
+  if row["step"] != start:
+    return row["step"] < start
+  return start < steps or not any(key.startswith("eval/") for key in row)
+
+
+class Reporter:
+  """Training metrics per logging window -> JSONL, the progress bar, log lines.
+
+  Exact across resumes: a resumed link drops the rows a killed run wrote after its checkpoint,
+  and picks up the open window's sums saved beside the checkpoint (`save_window`), so its rows
+  equal an uninterrupted run's (but for time and throughput).
+  """
+
+  def __init__(self, run, kind, steps: int, start: int, lead: bool):
+    config = run.config
+    self.name, self.kind, self.steps = run.link.name, kind, steps
+    path = run.workdir / "metrics" / f"{run.link.name}.jsonl"
+    self.window_path = path.with_suffix(".window.json")
+    if lead:
+      truncate_jsonl(path, functools.partial(_kept_on_resume, start=start, steps=steps))
+    self.writer = MetricsWriter(
+        path, run.workdir / "tensorboard" / run.link.name if config.log.get("tensorboard")
+        else None, enabled=lead)
+    self.every, self.quiet, self.lead = config.log.every, not config.log.progress, lead
+    self.tokens_per_step = run.tokens_per_step
+    self.bar = _progress(steps, start, run.link.name, lead and config.log.progress)
+    self.sums, self.last = defaultdict(float), {}
+    self.windows = (read_json(self.window_path) or {}) if lead else {}
+    if str(start) in self.windows:
+      self.sums.update(self.windows[str(start)]["sums"])
+      self.last = dict(self.windows[str(start)]["last"])
+    self.t_window, self.timed, self.rate = time.time(), -1, float("nan")
+
+  def save_window(self, step: int) -> None:
+    """Saves the open window's sums with a checkpoint at ``step`` (lead process only); the last
+    few are kept, as a checkpoint being written when the run dies is not the one resumed from."""
+    if self.lead:
+      self.windows[str(step)] = {"sums": dict(self.sums), "last": self.last}
+      recent = sorted(self.windows, key=int)[-4:]
+      self.windows = {k: self.windows[k] for k in recent}
+      write_json(self.window_path, self.windows)
+
+  def add(self, step: int, m: dict[str, Any]) -> None:
+    """One step's host metrics; writes the window's means every ``log.every`` steps.
+
+    Throughput leaves out the run's first step (mostly compilation) and evaluation time.
+    """
+    for key, value in m.items():
+      if key.endswith("_sum") or key in ("count", "pairs"):
+        self.sums[key] += float(value)
+      elif key != "loss":
+        self.last[key] = float(value)
+    if self.timed < 0:
+      self.t_window, self.timed = time.time(), 0
+    else:
+      self.timed += 1
+    if step % self.every and step != self.steps:
+      return
+    means = dict(self.kind.summarize(self.sums), **self.last)
+    if self.timed:  # Else (a window of one step after a pause) the last rate stands.
+      self.rate = self.timed * self.tokens_per_step / (time.time() - self.t_window)
+    means["tokens_per_s"] = self.rate
+    self.writer.write(step, means, "train/")
+    shown = {k: f"{means[k]:.4f}" for k in ("loss", "kd") if k in means}
+    self.bar.set_postfix(**shown, tok_s=f"{self.rate:.0f}", refresh=False)
+    if self.quiet and self.lead:
+      log.info("link %s step %d/%d %s tok/s %.0f", self.name, step, self.steps,
+               " ".join(f"{k} {v}" for k, v in shown.items()), self.rate)
+    self.sums, self.last = defaultdict(float), {}
+    self.t_window, self.timed = time.time(), 0
+
+  def evaluated(self, step: int, evals: dict[str, float]) -> None:
+    """Writes held-out metrics; throughput restarts after the time spent evaluating."""
+    self.timed = -1
+    self.writer.write(step, evals, "eval/")
+    shown = " ".join(f"{k} {evals[k]:.4f}" for k in ("kl", "ce", "ppl") if k in evals)
+    self.bar.set_postfix_str(f"eval {shown}", refresh=False)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
