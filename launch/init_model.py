@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
   try:
     recipe = calibrate.Recipe(
-        method=args.method, alpha=args.alpha, layers=args.layers, rule=args.mix,
+        method=args.method, alpha=args.alpha, layers=args.layers, mix=args.mix,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
         align_layers=not args.no_align_layers, align_units=not args.no_align_units)
     target.init_target(

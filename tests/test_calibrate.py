@@ -20,14 +20,14 @@ def _config(family, **kw):
 def _chain(family="llama"):
   """A large anchor and a small one cut from it (scattered units, like an importance Shrink)
   and perturbed, as a chain's anchors are."""
-  large_cfg = _config(family, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3,
-                      intermediate_size=96)
-  small_cfg = _config(family)
-  large = random_params(large_cfg, 1)
-  small = resize.shrink(large_cfg, large, small_cfg, method="weight_norm")
+  large_config = _config(family, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3,
+                         intermediate_size=96)
+  small_config = _config(family)
+  large = random_params(large_config, 1)
+  small = resize.shrink(large_config, large, small_config, method="weight_norm")
   rng = np.random.default_rng(2)
   small = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype), small)
-  return (small_cfg, small), (large_cfg, large)
+  return (small_config, small), (large_config, large)
 
 
 IDS = np.random.default_rng(3).integers(0, 53, (4, 9))
@@ -71,13 +71,13 @@ def test_output_mix_is_the_small_anchor_at_alpha_one_and_shrink_at_zero(family):
   want = decoder.forward(small[0], small[1], ids)
   if family in ("gpt2",):  # LayerNorm averages over the new channels: not function-preserving.
     views = mixing.anchor_views(small, large, target.replace(hidden_size=32, num_heads=4,
-                                                                  num_kv_heads=4))
+                                                             num_kv_heads=4))
     target = target.replace(hidden_size=32, num_heads=4, num_kv_heads=4)
   else:
     views = mixing.anchor_views(small, large, target, rescale_norms=True)
-  got = decoder.forward(target, mixing.mix(views, 1.0, "output"), ids)
+  got = decoder.forward(target, mixing.mix_views(views, 1.0, "output"), ids)
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
-  jax.tree.map(np.testing.assert_array_equal, mixing.mix(views, 0.0, "output"), views.shrunk)
+  jax.tree.map(np.testing.assert_array_equal, mixing.mix_views(views, 0.0, "output"), views.shrunk)
 
 
 def test_output_mix_scales_only_what_padded_units_write():
@@ -85,7 +85,7 @@ def test_output_mix_scales_only_what_padded_units_write():
   target = small[0].replace(num_layers=5, intermediate_size=64)
   views = mixing.anchor_views(small, large, target)
   alpha = 0.3
-  out = layout.flatten(mixing.mix(views, alpha, "output"))
+  out = layout.flatten(mixing.mix_views(views, alpha, "output"))
   shrunk, grown = layout.flatten(views.shrunk), layout.flatten(views.grown)
   new_layers = np.flatnonzero(np.all(grown["layers/attn/q/weight"] == 0, axis=(1, 2, 3)))
   assert len(new_layers) == 2
@@ -117,18 +117,18 @@ def test_alpha_and_layers_are_chosen_by_the_loss_on_the_first_half_of_the_rows(f
   for choice, layers in calibrate.layer_sets(small, (large[0], align.align_units(
       *small, *large)), target, first).items():
     views[choice] = mixing.anchor_views(small, large, target, large_layers=layers)
-    recomputed = _ce(target, mixing.mix(views[choice], 0.0), first)
+    recomputed = _ce(target, mixing.mix_views(views[choice], 0.0), first)
     assert info["layer_losses"][choice] == pytest.approx(recomputed, rel=1e-5), choice
   assert set(views) == {"even", "influence", "greedy"}
   assert info["layer_losses"][info["layer_choice"]] == min(info["layer_losses"].values())
   chosen = views[info["layer_choice"]]
-  grid = {a: _ce(target, mixing.mix(chosen, a), first) for a in info["alpha_losses"]}
+  grid = {a: _ce(target, mixing.mix_views(chosen, a), first) for a in info["alpha_losses"]}
   assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(grid) and len(grid) >= 7  # Grid, then refinements.
   for a, loss in grid.items():
     assert info["alpha_losses"][a] == pytest.approx(loss, rel=1e-5), a
     assert grid[info["alpha"]] <= loss + 1e-9, (info["alpha"], a)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7), params,
-               mixing.mix(chosen, info["alpha"]))
+               mixing.mix_views(chosen, info["alpha"]))
   assert np.isfinite(np.asarray(decoder.forward(target, params, IDS))).all()
   assert any(f"alpha = {info['alpha']:.4f}" in line for line in lines)
 
@@ -139,7 +139,7 @@ def test_residual_gains_bring_the_target_towards_the_large_anchor_without_vocab_
   log-softmax ever runs over all [N, T, V] logits at once (chunks of 256 tokens)."""
   small, large = _chain()
   target = small[0].replace(num_layers=4, intermediate_size=64)
-  params = mixing.mix(mixing.anchor_views(small, large, target), 0.5, "output")
+  params = mixing.mix_views(mixing.anchor_views(small, large, target), 0.5, "output")
   rows = np.random.default_rng(5).integers(0, 53, (8, 66))  # 520 tokens, a shape of its own.
   seen = []
   real = jax.nn.log_softmax
@@ -182,8 +182,8 @@ def test_the_check_rows_decide_only_whether_the_gains_are_kept():
     assert a.get(key) == b.get(key), key
   for check, params, info in runs:
     views = mixing.anchor_views(small, large, target, large_layers=info["large_layers"])
-    plain = mixing.mix(views, min(info["alpha_losses"], key=info["alpha_losses"].get))
-    gained = calibrate.scale_outputs(mixing.mix(views, info["gain_alpha"]),
+    plain = mixing.mix_views(views, min(info["alpha_losses"], key=info["alpha_losses"].get))
+    gained = calibrate.scale_outputs(mixing.mix_views(views, info["gain_alpha"]),
                                      np.asarray(info["fitted_gains"], np.float32))
     before, after = info["gain_check_losses"]
     assert before == pytest.approx(_ce(target, plain, check), rel=1e-5)
@@ -217,8 +217,8 @@ def test_calibration_depends_only_on_the_rows_it_is_given():
   assert info_c["alpha_losses"] != info_a["alpha_losses"]
   paper, info = calibrate.make_target(small, large, target, calibrate.Recipe(method="paper"),
                                       rows=IDS, log=str)
-  assert info["calibration_tokens"] == 0 and info["rule"] == "plain"
-  want = mixing.interpolate(small, large, target, rule="plain")
+  assert info["calibration_tokens"] == 0 and info["mix"] == "plain"
+  want = mixing.interpolate(small, large, target, mix="plain")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7), paper, want)
 
 

@@ -50,7 +50,7 @@ def match_layers(similarity: np.ndarray) -> np.ndarray:
   return m
 
 
-def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+def aligned_depth_maps(small_config: ModelConfig, small_params: dict, large_config: ModelConfig,
                        large_params: dict, n_target: int, depth: str = "zero",
                        large_scores=None, large_layers=None
                        ) -> tuple[resize.AxisMap, resize.AxisMap]:
@@ -59,11 +59,11 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
   layers without a counterpart (the best by ``large_scores``, else evenly spread; or the
   ``large_layers`` given, which must hold the counterparts). Grow(small) puts layer j where its
   counterpart sits; the other positions are new layers (``depth``)."""
-  n_small, n_large = small_cfg.num_layers, large_cfg.num_layers
+  n_small, n_large = small_config.num_layers, large_config.num_layers
   if n_small > n_large:
     raise resize.ResizeError("the small anchor has more layers than the large one; pass the "
                              "anchors in (small, large) order")
-  m = depth_counterparts(small_cfg, small_params, large_cfg, large_params)
+  m = depth_counterparts(small_config, small_params, large_config, large_params)
   if n_target <= n_small:  # Evenly spaced small layers and their counterparts.
     keep = resize.depth_map(n_small, n_target, depth).src[:, 0]
     return resize.one_hot_map(keep), resize.one_hot_map(m[keep])
@@ -100,12 +100,12 @@ def aligned_depth_maps(small_cfg: ModelConfig, small_params: dict, large_cfg: Mo
   return small_map, resize.one_hot_map(layers)
 
 
-def depth_counterparts(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+def depth_counterparts(small_config: ModelConfig, small_params: dict, large_config: ModelConfig,
                        large_params: dict) -> np.ndarray:
   """m[j]: the large layer that is small layer j's counterpart (increasing in j)."""
-  channels = min(small_cfg.hidden_size, large_cfg.hidden_size)
-  sig_s = layer_signatures(small_cfg, small_params, channels)
-  sig_l = layer_signatures(large_cfg, large_params, channels)
+  channels = min(small_config.hidden_size, large_config.hidden_size)
+  sig_s = layer_signatures(small_config, small_params, channels)
+  sig_l = layer_signatures(large_config, large_params, channels)
   return match_layers(sig_s @ sig_l.T / sig_s.shape[1])
 
 
@@ -163,7 +163,7 @@ def _layer_slices(config: ModelConfig, flat: dict, layer: int, channels: int) ->
   return {"F": ffn, "K": [k[..., :d], v[..., :d]], "H": [q[..., :d], o.transpose(1, 2, 0)]}
 
 
-def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConfig,
+def align_units(small_config: ModelConfig, small_params: dict, large_config: ModelConfig,
                 large_params: dict, extras: str = "leading") -> dict:
   """The large anchor's params with its units reordered (same function) so that every unit of
   the small anchor has its counterpart at the same index: residual channels (by embedding
@@ -176,35 +176,37 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
   """
   if extras not in ("leading", "weight_norm"):
     raise resize.ResizeError(f"unknown shrink method {extras!r}; use 'leading' or 'weight_norm'")
-  resize.check_compatible(small_cfg, large_cfg)
-  cs, cl = small_cfg, large_cfg
-  fs = resize.check_params(cs, small_params, "small anchor")
-  fl = {k: np.array(v) for k, v in resize.check_params(cl, large_params, "large anchor").items()}
+  resize.check_compatible(small_config, large_config)
+  fs = resize.check_params(small_config, small_params, "small anchor")
+  fl = {k: np.array(v)
+        for k, v in resize.check_params(large_config, large_params, "large anchor").items()}
   scored = extras == "weight_norm"
-  d = min(cs.hidden_size, cl.hidden_size)
-  if cs.hidden_size <= cl.hidden_size:
+  d = min(small_config.hidden_size, large_config.hidden_size)
+  if small_config.hidden_size <= large_config.hidden_size:
     sim = _features([np.asarray(fs["embed/embedding"], np.float32).T],
                     [np.asarray(fl["embed/embedding"], np.float32).T])
-    scores = resize.unit_scores(cl, layout.unflatten(fl))["D"] if scored else None
-    permute_units(cl, fl, "D", _order(assign(sim), cl.hidden_size, scores))
-  m = depth_counterparts(cs, small_params, cl, layout.unflatten(fl))
-  gs, gl = cs.num_heads // cs.num_kv_heads, cl.num_heads // cl.num_kv_heads
+    scores = resize.unit_scores(large_config, layout.unflatten(fl))["D"] if scored else None
+    permute_units(large_config, fl, "D", _order(assign(sim), large_config.hidden_size, scores))
+  m = depth_counterparts(small_config, small_params, large_config, layout.unflatten(fl))
+  gs = small_config.num_heads // small_config.num_kv_heads
+  gl = large_config.num_heads // large_config.num_kv_heads
   for j, b in enumerate(m):
-    small, large = _layer_slices(cs, fs, j, d), _layer_slices(cl, fl, b, d)
-    scores = resize.unit_scores(cl, layout.unflatten(fl), layer=b) if scored else {}
-    if cs.intermediate_size <= cl.intermediate_size:
+    small, large = _layer_slices(small_config, fs, j, d), _layer_slices(large_config, fl, b, d)
+    scores = resize.unit_scores(large_config, layout.unflatten(fl), layer=b) if scored else {}
+    if small_config.intermediate_size <= large_config.intermediate_size:
       matched = assign(_features(small["F"], large["F"]))
-      permute_units(cl, fl, "F", _order(matched, cl.intermediate_size, scores.get("F")), b)
-    if cs.num_kv_heads > cl.num_kv_heads or gs > gl:
+      order = _order(matched, large_config.intermediate_size, scores.get("F"))
+      permute_units(large_config, fl, "F", order, b)
+    if small_config.num_kv_heads > large_config.num_kv_heads or gs > gl:
       continue
     groups = assign(_features(small["K"], large["K"]))
-    group_order = _order(groups, cl.num_kv_heads, scores.get("K"))
-    permute_units(cl, fl, "K", group_order, b)
+    group_order = _order(groups, large_config.num_kv_heads, scores.get("K"))
+    permute_units(large_config, fl, "K", group_order, b)
     head_scores = scores.get("H")
     head_order = []
     for i, g in enumerate(group_order):  # Heads move with their group; inside, counterparts first.
       heads_l = np.arange(g * gl, (g + 1) * gl)
-      if i < cs.num_kv_heads:
+      if i < small_config.num_kv_heads:
         heads_s = np.arange(i * gs, (i + 1) * gs)
         sim = _features([p[heads_s] for p in small["H"]], [p[heads_l] for p in large["H"]])
         local = _order(assign(sim), gl, None if head_scores is None else head_scores[heads_l])
@@ -212,5 +214,5 @@ def align_units(small_cfg: ModelConfig, small_params: dict, large_cfg: ModelConf
         local = _order(np.zeros(0, np.int64), gl,
                        None if head_scores is None else head_scores[heads_l])
       head_order.append(heads_l[local])
-    permute_units(cl, fl, "H", np.concatenate(head_order), b)
+    permute_units(large_config, fl, "H", np.concatenate(head_order), b)
   return layout.unflatten(fl)

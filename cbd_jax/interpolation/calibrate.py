@@ -1,16 +1,19 @@
 """Teacher-free calibration of a target between two anchors, on unlabeled calibration text.
 
-Two choices decide a target's quality, and both are made here by the target's own loss (or the
-large anchor's own hidden states) on token rows the caller gives, never on held-out text:
+Three choices decide a target's quality, all made here by the target's own loss (or the large
+anchor's own distributions) on token rows the caller gives, never on held-out text:
 
 - which layers of the large anchor the target keeps besides the small anchor's counterparts
-  (`choose_layers`: evenly spread, by block influence, or by block influence re-measured after
-  each layer is dropped), and
-- alpha, the weight of the small anchor (`choose_alpha`: a grid, then a finer grid around the
-  best point).
+  (`layer_sets`: evenly spread, by block influence, or by block influence re-measured after
+  each layer is dropped; the one whose Shrink(large) has the lowest loss is kept),
+- alpha, the weight of the small anchor (`mixing.choose_alpha`: a grid, then a finer grid around
+  the best point), and
+- per-layer gains of each attention and MLP output (`fit_residual_gains`: 30 Adam steps on the
+  gains alone, towards the large anchor's next-token distributions), kept only if they lower
+  the target's loss on the rows held back for that check (`split_rows`).
 
-No teacher, no source model and no gradient: a few forward passes of the large anchor and of the
-target on a few thousand tokens.
+No teacher and no source model: forward passes of the anchors and of the target, and gradients
+of the target's 2 L gains, on a few thousand tokens.
 """
 
 from __future__ import annotations
@@ -30,23 +33,24 @@ from cbd_jax.model.config import ModelConfig
 
 LAYER_CHOICES = ("even", "influence", "greedy")
 
+
 def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[str, np.ndarray]:
   """{choice: the large anchor's layers a ``target``-deep model keeps} for every choice in
   `LAYER_CHOICES` (the small anchor's counterparts always among them). ``large`` must already be
   unit-aligned with ``small`` (`align.align_units`)."""
-  (cs, ps), (cl, pl) = small, large
-  m = align.depth_counterparts(cs, ps, cl, pl)
+  (small_config, small_params), (large_config, large_params) = small, large
+  m = align.depth_counterparts(small_config, small_params, large_config, large_params)
   n = target.num_layers
-  if n <= cs.num_layers or n >= cl.num_layers:
+  if n <= small_config.num_layers or n >= large_config.num_layers:
     return {}
-  free = np.setdiff1d(np.arange(cl.num_layers), m)
-  extra = n - cs.num_layers
-  scores = importance.block_influence(cl, pl, ids_NxT)
+  free = np.setdiff1d(np.arange(large_config.num_layers), m)
+  extra = n - small_config.num_layers
+  scores = importance.block_influence(large_config, large_params, ids_NxT)
   even = free[(np.arange(1, extra + 1) * len(free)) // (extra + 1)]
   best = free[np.argsort(-scores[free], kind="stable")[:extra]]
+  greedy = importance.greedy_layers(large_config, large_params, n, ids_NxT, keep=m, scores=scores)
   return {"even": np.sort(np.concatenate([m, even])),
-          "influence": np.sort(np.concatenate([m, best])),
-          "greedy": importance.greedy_layers(cl, pl, n, ids_NxT, keep=m, scores=scores)}
+          "influence": np.sort(np.concatenate([m, best])), "greedy": greedy}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +61,14 @@ class Recipe:
   (1 - alpha) of it (the "output" mix); with calibration rows, the large anchor's layers
   (``layers="auto"`` tries every `LAYER_CHOICES` entry) and alpha are chosen by the target's own
   loss on them. ``method="paper"``: the plain formula, every padded weight scaled by 1 - alpha,
-  alpha from parameter counts, evenly spread layers. ``alpha`` or ``rule`` given: used as is.
+  alpha from parameter counts, evenly spread layers. ``alpha`` or ``mix`` given: used as is
+  (``mix`` defaults to the method's: "output" for cbd, "plain" for paper).
   """
 
   method: str = "cbd"
   alpha: float | None = None
   layers: str = "auto"
-  rule: str | None = None
+  mix: str | None = None
   shrink_method: str = "leading"
   grow_method: str = "zero"
   depth: str = "zero"
@@ -73,43 +78,17 @@ class Recipe:
 
   def __post_init__(self):
     checks = (("method", self.method, METHODS), ("layers", self.layers, ("auto",) + LAYER_CHOICES),
-              ("rule", self.rule, (None,) + mixing.MIXES))
+              ("mix", self.mix, (None,) + mixing.MIXES))
     for name, value, allowed in checks:
       if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; use one of {[a for a in allowed if a]}")
     if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"alpha={self.alpha} is outside [0, 1]; alpha weights the small anchor")
-
-  @property
-  def mix_rule(self) -> str:
-    return self.rule or ("output" if self.method == "cbd" else "plain")
+    if self.mix is None:
+      object.__setattr__(self, "mix", "output" if self.method == "cbd" else "plain")
 
 
 METHODS = ("cbd", "paper")
-
-
-def choose_alpha(target: ModelConfig, views, rule: str, ids_NxT: np.ndarray,
-                 coarse=(0.0, 0.25, 0.5, 0.75, 1.0), refinements: int = 2
-                 ) -> tuple[float, dict[float, float]]:
-  """(alpha, {alpha: loss}): a coarse grid, then halved steps on either side of the best."""
-  views = jax.device_put(views)
-  losses = {}
-
-  def score(a):
-    a = float(np.clip(round(a, 4), 0.0, 1.0))
-    if a not in losses:
-      losses[a] = mixing.mixed_loss(target, views, a, rule, ids_NxT)
-    return losses[a]
-
-  for a in coarse:
-    score(a)
-  step = (coarse[1] - coarse[0]) / 2
-  for _ in range(refinements):
-    best = min(losses, key=losses.get)
-    score(best - step)
-    score(best + step)
-    step /= 2
-  return min(losses, key=losses.get), dict(sorted(losses.items()))
 
 
 def split_rows(rows: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -138,8 +117,8 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
 
   def views_of(layers):
     return mixing.anchor_views(small, large, target, shrink, r.grow_method, r.depth,
-                                    align_layers=r.align_layers, align_units=False,
-                                    large_layers=layers)
+                               align_layers=r.align_layers, align_units=False,
+                               large_layers=layers)
 
   info = {"layer_choice": "even", "large_layers": None}
   if not sets:
@@ -151,7 +130,7 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
       views[n], scores[n] = views[same], scores[same]
       continue
     views[n] = views_of(layers)
-    scores[n] = mixing.mixed_loss(target, views[n], 0.0, r.mix_rule, rows)
+    scores[n] = mixing.mixed_loss(target, views[n], 0.0, r.mix, rows)
   choice = min(scores, key=scores.get)
   log("large-anchor layers (calibration loss of Shrink(large)): " +
       ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
@@ -159,14 +138,16 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   return views[choice], info
 
 
-def _with_gains(target, views, alphas, rule, large, rows, check_rows, log) -> tuple[dict, dict]:
+def _choose_alpha_and_gains(target, views, alphas, mix, large, rows, check_rows, log
+                            ) -> tuple[dict, dict]:
   """(params, info): per-layer residual gains fitted on ``rows`` towards the large anchor for
-  the mix at each of ``alphas`` (the calibrated alpha first), the best by the target's own loss
-  on ``rows``; kept only if they lower the target's loss on ``check_rows`` (used for nothing
-  else) below that of the mix at the calibrated alpha without gains."""
+  the mix at each of ``alphas`` (the calibrated alpha first), and the alpha whose gained mix
+  has the lowest loss on ``rows``; alpha and gains are kept only if they lower the target's
+  loss on ``check_rows`` (used for nothing else) below that of the mix at the calibrated alpha
+  without gains, else the calibrated alpha stays (``info["alpha"]``)."""
   best = None
   for alpha in alphas:
-    mixed = mixing.mix(views, alpha, rule)
+    mixed = mixing.mix_views(views, alpha, mix)
     gains, _ = fit_residual_gains(target, mixed, large, rows)
     gained = scale_outputs(mixed, gains)
     loss = heldout.mean_nll(target, gained, rows)
@@ -174,7 +155,7 @@ def _with_gains(target, views, alphas, rule, large, rows, check_rows, log) -> tu
     if best is None or loss < best[0]:
       best = (loss, alpha, gains, gained)
   _, alpha, gains, gained = best
-  plain = mixing.mix(views, alphas[0], rule)
+  plain = mixing.mix_views(views, alphas[0], mix)
   before = heldout.mean_nll(target, plain, check_rows)
   after = heldout.mean_nll(target, gained, check_rows)
   keep = after < before
@@ -192,36 +173,38 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
   params)`` pairs), made by ``recipe``; ``rows`` [N, T] calibration token ids (``method="cbd"``
   without them: alpha from parameter counts and evenly spread layers, no gains)."""
   r = recipe or Recipe()
-  (cs, ps), (cl, pl) = small, large
-  resize.check_compatible(cs, cl)
+  (small_config, small_params), (large_config, large_params) = small, large
+  resize.check_compatible(small_config, large_config)
   for anchor, alpha in ((small, 1.0), (large, 0.0)):  # A target of an anchor's shape is it.
     if target.to_dict() == anchor[0].replace(dtype=target.dtype, remat=target.remat).to_dict():
       log(f"the target has the {'small' if alpha else 'large'} anchor's shape: alpha = {alpha}")
       return jax.tree.map(np.asarray, anchor[1]), {"method": r.method, "alpha": alpha,
-                                                   "rule": r.mix_rule, "layer_choice": None}
+                                                   "mix": r.mix, "layer_choice": None}
   shrink = r.shrink_method
   if r.align_units:
-    pl, shrink = align.align_units(cs, ps, cl, pl, extras=r.shrink_method), "leading"
+    large = (large_config, align.align_units(small_config, small_params, large_config,
+                                             large_params, extras=r.shrink_method))
+    shrink = "leading"
   rows = rows if r.method == "cbd" else None
   choice_rows, check_rows = split_rows(rows)
-  views, info = _choose_views(small, (cl, pl), target, r, shrink, choice_rows, log)
-  info.update(method=r.method, rule=r.mix_rule,
+  views, info = _choose_views(small, large, target, r, shrink, choice_rows, log)
+  info.update(method=r.method, mix=r.mix,
               calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
   alpha = r.alpha
   if alpha is None and rows is not None:
-    alpha, info["alpha_losses"] = choose_alpha(target, views, r.mix_rule, choice_rows)
+    alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
   elif alpha is None:
-    alpha = mixing.default_alpha(cs, cl, target)
+    alpha = mixing.default_alpha(small_config, large_config, target)
   if rows is not None and check_rows is None and r.gains:
     log("one calibration row: no rows left to check residual gains on; none fitted")
   if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
     alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
-    params, gain_info = _with_gains(target, views, alphas, r.mix_rule, (cl, pl), choice_rows,
-                                    check_rows, log)
+    params, gain_info = _choose_alpha_and_gains(target, views, alphas, r.mix, large, choice_rows,
+                                                check_rows, log)
     info.update(gain_info)
   else:
-    params, info["alpha"] = mixing.mix(views, alpha, r.mix_rule), alpha
-  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix_rule}, large-anchor "
+    params, info["alpha"] = mixing.mix_views(views, alpha, r.mix), alpha
+  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix}, large-anchor "
       f"layers {info['layer_choice']}" + (", residual gains" if info.get("gains") else ""))
   return params, info
 

@@ -1,8 +1,8 @@
 """Anchor interpolation: theta_T = alpha * Grow(theta_small) + (1 - alpha) * Shrink(theta_large).
 
 ``small`` and ``large`` are ``(config, params)`` pairs of one family and vocabulary; alpha weights
-the small anchor. Nothing here calls a teacher: the optional alpha sweep scores candidates by the
-target's own held-out loss on token ids the caller provides.
+the small anchor. Nothing here calls a teacher: `choose_alpha` scores candidates by the target's
+own loss on token ids the caller provides.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from cbd_jax.model import layout
 from cbd_jax.model.config import ModelConfig, num_params
 
 Anchor = tuple[ModelConfig, dict]
-DEFAULT_ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2).tolist())
 
 
 def default_alpha(small: ModelConfig, large: ModelConfig, target: ModelConfig) -> float:
@@ -81,48 +80,51 @@ def anchor_views(small: Anchor, large: Anchor, target: ModelConfig, shrink_metho
   small unit's counterpart has its index (`align.align_units`); ``shrink_method`` then only
   orders the large units without a counterpart, and Shrink keeps the leading ones.
   """
-  (cs, ps), (cl, pl) = small, large
-  resize.check_compatible(cs, cl)
+  (small_config, small_params), (large_config, large_params) = small, large
+  resize.check_compatible(small_config, large_config)
   if align_units:
-    pl = align.align_units(cs, ps, cl, pl, extras=shrink_method)
+    large_params = align.align_units(small_config, small_params, large_config, large_params,
+                                     extras=shrink_method)
     shrink_method = "leading"
   small_map = large_map = None
-  if align_layers and cs.num_layers <= cl.num_layers:
-    small_map, large_map = align.aligned_depth_maps(cs, ps, cl, pl, target.num_layers, depth,
-                                                    large_layer_scores, large_layers)
-  small_maps = resize.make_maps(cs, ps, target, "leading", grow_method, depth)
+  if align_layers and small_config.num_layers <= large_config.num_layers:
+    small_map, large_map = align.aligned_depth_maps(
+        small_config, small_params, large_config, large_params, target.num_layers, depth,
+        large_layer_scores, large_layers)
+  small_maps = resize.make_maps(small_config, small_params, target, "leading", grow_method, depth)
   if small_map is not None:
     small_maps["L"] = small_map
-  grown = resize.resize(cs, ps, target, fill=grow_method, depth=depth,
+  grown = resize.resize(small_config, small_params, target, fill=grow_method, depth=depth,
                         rescale_norms=rescale_norms, layer_map=small_map)
-  shrunk = resize.resize(cl, pl, target, select=shrink_method, layer_map=large_map)
-  ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), ps)
+  shrunk = resize.resize(large_config, large_params, target, select=shrink_method,
+                         layer_map=large_map)
+  ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), small_params)
   filled = jax.tree.map(lambda x: (x != 0).astype(np.float32), resize.apply_maps(
-      cs, ones, target, small_maps))
+      small_config, ones, target, small_maps))
   damp = output_damp_mask(target, _unfilled_units(small_maps))
   return Views(grown, shrunk, filled, damp)
 
 
-MIXES = ("output", "plain", "whole")
+MIXES = ("output", "plain", "whole")  # Where Grow(small) only padded; see `mix_views`.
 
 
-def mix(views: Views, alpha, rule: str = "output", xp=np, gamma=None) -> dict:
+def mix_views(views: Views, alpha, mix: str = "output", xp=np, gamma=None) -> dict:
   """alpha * grown + (1 - alpha) * shrunk where Grow(small) holds a value (fp32, cast to shrunk's
-  dtype). Where it only padded, by ``rule``: "plain" keeps the formula (the padded unit's every
+  dtype). Where it only padded, by ``mix``: "plain" keeps the formula (the padded unit's every
   weight scaled by 1 - alpha), "whole" takes the large anchor's value, "output" takes it whole
   but scales what the unit writes to the residual stream by 1 - alpha (`Views.damp`), so the
   unit computes the large anchor's function and contributes (1 - alpha) of it (or ``gamma``
   of it, when given). ``xp``: np or jnp.
   """
-  if rule not in MIXES:
-    raise ValueError(f"unknown mix rule {rule!r}; use one of {MIXES}")
+  if mix not in MIXES:
+    raise ValueError(f"unknown mix {mix!r}; use one of {MIXES}")
 
   def one(g, s, f, d):
     g32, s32 = xp.asarray(g, xp.float32), xp.asarray(s, xp.float32)
     out = alpha * g32 + (1.0 - alpha) * s32
-    if rule == "whole":
+    if mix == "whole":
       out = xp.where(f > 0, out, s32)
-    elif rule == "output":
+    elif mix == "output":
       scale = (1.0 - alpha) if gamma is None else gamma
       out = xp.where(f > 0, out, xp.where(d, scale * s32, s32))
     return out.astype(s.dtype)
@@ -131,15 +133,15 @@ def mix(views: Views, alpha, rule: str = "output", xp=np, gamma=None) -> dict:
 
 
 def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
-                alpha: float | None = None, rule: str = "output", shrink_method: str = "leading",
+                alpha: float | None = None, mix: str = "output", shrink_method: str = "leading",
                 grow_method: str = "zero", depth: str = "zero", rescale_norms: bool = False,
                 align_layers: bool = True, large_layer_scores=None, align_units: bool = True,
                 large_layers=None) -> dict:
   """alpha * Grow(small) + (1 - alpha) * Shrink(large) on ``target_config``'s shape.
 
-  ``alpha`` defaults to `default_alpha`; ``rule`` says what happens where Grow only padded
-  (`mix`). New layers of Grow(small) are all-zero identity layers by default (``depth``), so
-  with the "output" rule those target layers compute the large anchor's layer, scaled by
+  ``alpha`` defaults to `default_alpha`; ``mix`` says what happens where Grow only padded
+  (`mix_views`). New layers of Grow(small) are all-zero identity layers by default (``depth``),
+  so with the "output" mix those target layers compute the large anchor's layer, scaled by
   1 - alpha where they write the residual stream.
   """
   if alpha is None:
@@ -148,42 +150,46 @@ def interpolate(small: Anchor, large: Anchor, target_config: ModelConfig,
     raise ValueError(f"alpha={alpha} is outside [0, 1]; alpha weights the small anchor")
   views = anchor_views(small, large, target_config, shrink_method, grow_method, depth,
                        rescale_norms, align_layers, large_layer_scores, align_units, large_layers)
-  return mix(views, alpha, rule)
+  return mix_views(views, alpha, mix)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _mixed_nll_sum(config, alpha, gamma, rule, views, ids_NxT, row_mask_N):
-  return heldout.nll_sum(config, mix(views, alpha, rule, jnp, gamma), ids_NxT, row_mask_N)
+def _mixed_nll_sum(config, alpha, gamma, mix, views, ids_NxT, row_mask_N):
+  return heldout.nll_sum(config, mix_views(views, alpha, mix, jnp, gamma), ids_NxT, row_mask_N)
 
 
-def heldout_loss(config: ModelConfig, params: dict, ids_NxT: np.ndarray,
-                 batch_size: int = 8) -> float:
-  """Mean next-token cross entropy (nats) of ``params`` on ``ids`` [N, T]: `heldout.mean_nll`."""
-  return heldout.mean_nll(config, params, ids_NxT, batch_size)
-
-
-def mixed_loss(target_config: ModelConfig, views: Views, alpha: float, rule: str,
+def mixed_loss(target_config: ModelConfig, views: Views, alpha: float, mix: str,
                ids_NxT: np.ndarray, batch_size: int = 8, gamma: float | None = None) -> float:
-  """`heldout_loss` of ``mix(views, alpha, rule)``, mixed inside one compiled function (no
-  recompilation per alpha)."""
+  """`heldout.mean_nll` of ``mix_views(views, alpha, mix)``, mixed inside one compiled function
+  (no recompilation per alpha)."""
   heldout.check_rows(target_config, ids_NxT)
   gamma = 1.0 - alpha if gamma is None else gamma
   fn = functools.partial(_mixed_nll_sum, target_config, jnp.float32(alpha), jnp.float32(gamma),
-                         rule, views)
+                         mix, views)
   return heldout.total_nll(fn, ids_NxT, batch_size) / ids_NxT[:, 1:].size
 
 
-def sweep_alpha(small: Anchor, large: Anchor, target_config: ModelConfig, ids_NxT: np.ndarray,
-                alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 8,
-                rule: str = "output", views: Views | None = None, **kwargs
-                ) -> tuple[float, dict[float, float]]:
-  """(best alpha, {alpha: loss}): teacher-free choice of alpha by the target's own loss on
-  ``ids`` (keep them apart from the text the final number is reported on). ``views``: reuse
-  `anchor_views` already computed (else built from ``kwargs``)."""
-  if views is None:
-    views = anchor_views(small, large, target_config, **kwargs)
+def choose_alpha(target_config: ModelConfig, views: Views, mix: str, ids_NxT: np.ndarray,
+                 grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), refinements: int = 2,
+                 batch_size: int = 8) -> tuple[float, dict[float, float]]:
+  """(alpha, {alpha: loss}): teacher-free choice of alpha by the target's own loss on ``ids``
+  (keep them apart from the text the final number is reported on): every alpha of ``grid``,
+  then ``refinements`` times the two points half a grid step (then a quarter, ...) on either
+  side of the best so far."""
   views = jax.device_put(views)
-  losses = {float(a): mixed_loss(target_config, views, a, rule, ids_NxT, batch_size)
-            for a in alphas}
-  best = min(losses, key=losses.get)
-  return best, losses
+  losses: dict[float, float] = {}
+
+  def score(a):
+    a = float(np.clip(round(a, 4), 0.0, 1.0))
+    if a not in losses:
+      losses[a] = mixed_loss(target_config, views, a, mix, ids_NxT, batch_size)
+
+  for a in grid:
+    score(a)
+  step = (grid[1] - grid[0]) / 2 if len(grid) > 1 else 0.0
+  for _ in range(refinements):
+    best = min(losses, key=losses.get)
+    score(best - step)
+    score(best + step)
+    step /= 2
+  return min(losses, key=losses.get), dict(sorted(losses.items()))
