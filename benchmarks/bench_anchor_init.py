@@ -95,10 +95,10 @@ def zero_step(config, rows) -> tuple[float, float]:
   from cbd_jax.evaluation import heldout
 
   source_path, tokenizer_path = source.prepare_source(config)
-  kind = driver.make_kind(config, 0, Path(config.workdir), {"path": "anchors/x"}, source_path,
-                         tokenizer_path)
+  strategy = driver.make_strategy(config, 0, Path(config.workdir), {"path": "anchors/x"},
+                                  source_path, tokenizer_path)
   start = time.time()
-  s_config, params = kind.new_student()
+  s_config, params = strategy.new_student()
   seconds = time.time() - start
   return math.exp(min(heldout.mean_nll(s_config, params, rows), 50.0)), seconds
 

@@ -187,9 +187,9 @@ def test_a_link_turning_non_finite_stops_in_one_line_and_keeps_its_last_finite_c
   config.checkpoint.every, config.eval.every, config.log.progress = 1, 0, False
   source_path, tokenizer_path = source.prepare_source(config)
   entry = manifest.read(tmp_path)["anchors"][0]
-  kind = driver.make_kind(config, 0, tmp_path, entry, source_path, tokenizer_path)
+  strategy = driver.make_strategy(config, 0, tmp_path, entry, source_path, tokenizer_path)
   with pytest.raises(link.NonFiniteError) as e:
-    link.train_link(kind, entry, lambda _: entry)
+    link.train_link(strategy, entry, lambda _: entry)
   assert str(e.value) == (
       "link anchor1: non-finite param_norm at step 4; likely causes: a learning rate too high "
       "(optimizer.lr), a damaged teacher, checkpoint or token cache, token ids outside the "

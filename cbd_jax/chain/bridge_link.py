@@ -5,12 +5,12 @@
 * ``"vocab"``: token-level KD through the vocabulary-projection bridge (`distill.bridge_step`),
   on training windows tokenised by both sides and aligned by byte offsets (`distill.bridge_data`).
 * ``"seqkd"``: sequence-level KD (the paper's bridge): the teacher writes a corpus from prompts of
-  the training text (`cbd_jax.distill.seqkd`, cached in ``<workdir>/seqkd/<link>``) and the student
-  trains on it with plain cross-entropy (`cbd_jax.distill.lm_step`); no teacher during training.
+  the training text (`distill.seqkd`, cached in ``<workdir>/seqkd/<link>``) and the student
+  trains on it with plain cross-entropy (`distill.lm_step`); no teacher during training.
 
 The student starts from ``link.init`` (a checkpoint with the student's tokenizer) or random
-weights of shape ``link.student`` (Shrink cannot cross families). Both bridges are kinds of link
-(`cbd_jax.chain.link.LinkKind`): checkpoints, metrics, resume and export are the one driver's.
+weights of shape ``link.student`` (Shrink cannot cross families). Both bridges are link strategies
+(`chain.link.LinkStrategy`): checkpoints, metrics, resume and export are the one driver's.
 The finished anchor is an HF folder with the *student's* tokenizer, so the next link of the chain
 distils from it like any other anchor.
 """
@@ -23,14 +23,16 @@ from pathlib import Path
 
 import jax
 import ml_collections as mlc
+import numpy as np
 
 from cbd_jax import data
 from cbd_jax.chain import metrics, source
 from cbd_jax.chain.checks import link_steps
 from cbd_jax.chain.link import (
-  LinkKind,
   LinkRun,
+  LinkStrategy,
   evaluate_lm,
+  held_out_sums,
   summarize_lm,
 )
 from cbd_jax.checkpoints import hf_io
@@ -38,7 +40,7 @@ from cbd_jax.distill import bridge_data, bridge_step, lm_step, seqkd, vocab_brid
 from cbd_jax.distill.train_step import LossSettings
 from cbd_jax.evaluation import heldout
 from cbd_jax.model.config import ModelConfig, num_params
-from cbd_jax.model.sharding import global_batch, sync
+from cbd_jax.model.sharding import sync
 
 log = logging.getLogger(__name__)
 BRIDGES = ("vocab", "seqkd")
@@ -88,7 +90,7 @@ def _heldout_quality(config, params, tokenizer, data_cfg, eval_tokens: int, seq_
   return heldout.evaluate(config, params, text)
 
 
-class _Bridged(LinkKind):
+class _Bridged(LinkStrategy):
   """What both bridges share: the student's own tokenizer and spec, bits-per-byte at the end."""
 
   keeps_host_teacher = True
@@ -119,7 +121,7 @@ class _Bridged(LinkKind):
             "teacher_ppl": theirs["ppl"]}
 
   def meta(self):
-    return {"bridge": dict(kind=self.run.link.bridge, **self.bridge_meta)}
+    return {"bridge": dict(name=self.run.link.bridge, **self.bridge_meta)}
 
 
 class SeqkdLink(_Bridged):
@@ -177,7 +179,10 @@ class VocabLink(_Bridged):
     self.evals = [bridge_step.as_device_batch(b)
                   for b in held.in_order(ev.batch_size, ev.num_batches)]
     token_map = vocab_bridge.build_token_map(t_tok, s_tok)
-    log.info("link %s: token map %s", link.name, token_map.coverage())
+    used = np.take_along_axis(self.train.teacher_ids, self.train.teacher_pos, 1)
+    text = token_map.text_coverage(used[self.train.pair_mask])  # The tokens KD reads.
+    log.info("link %s: token map %s; on the training text %s", link.name, token_map.coverage(),
+             text)
     self.loss = LossSettings(**dict(link.loss))
     self.train_step = bridge_step.make_bridge_step(student, teacher, optimizer, self.loss,
                                                    token_map, mesh, rules, schedule)
@@ -185,7 +190,7 @@ class VocabLink(_Bridged):
                                                        mesh, rules)
     # The teacher reads teacher_len tokens of every training window (padding included).
     windows = link_steps(link) * link.batch_size * link.microbatches
-    self.bridge_meta = {"token_map": token_map.coverage(),
+    self.bridge_meta = {"token_map": dict(token_map.coverage(), text=text),
                         "teacher_tokens": windows * teacher_len,
                         "teacher_flops": 2 * num_params(teacher) * windows * teacher_len}
 
@@ -193,12 +198,8 @@ class VocabLink(_Bridged):
     return bridge_step.as_device_batch(super().batch(step))
 
   def evaluate(self, params, teacher_params, mesh):
-    sums = {"kd_sum": 0.0, "pairs": 0.0, "ce_sum": 0.0, "count": 0.0}
-    for b in self.evals:
-      m = jax.device_get(self.eval_step(params, teacher_params, global_batch(mesh, b, 0)))
-      for k in sums:
-        sums[k] += float(m[k])
-    means = self.summarize(sums)
+    means = self.summarize(held_out_sums(self.eval_step, self.evals, mesh, params,
+                                         teacher_params))
     return {"kl": means["kd"], "ce": means["ce"], "ppl": metrics.perplexity(means["ce"])}
 
   def summarize(self, sums):
@@ -207,7 +208,7 @@ class VocabLink(_Bridged):
     return {"loss": self.loss.kd_weight * kd + self.loss.ce_weight * ce, "kd": kd, "ce": ce}
 
 
-def make_kind(run: LinkRun) -> LinkKind:
-  """The kind of a bridged link (``link.bridge``)."""
+def make_strategy(run: LinkRun) -> LinkStrategy:
+  """The strategy of a bridged link (``link.bridge``)."""
   check_link(run.link, f"link {run.link.name}")
   return SeqkdLink(run) if run.link.bridge == "seqkd" else VocabLink(run)

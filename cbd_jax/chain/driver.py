@@ -1,9 +1,9 @@
 """The chain driver: distil anchor after anchor, each from its predecessor, resumably.
 
 Link k's teacher is anchor k-1 (the source for k = 0). Its student starts from the link's public
-checkpoint (``link.init``) or from Shrink of the teacher to ``link.shape``. A link is a kind
-(`KDLink` here, the bridged kinds in `cbd_jax.chain.bridge_link`) run by the one link driver
-(`cbd_jax.chain.link`): the sharded step, Orbax checkpoints every ``checkpoint.every`` steps
+checkpoint (``link.init``) or from Shrink of the teacher to ``link.shape``. A link is a strategy
+(`KDLink` here, the bridged ones in `chain.bridge_link`) run by the one link driver
+(`chain.link`): the sharded step, Orbax checkpoints every ``checkpoint.every`` steps
 and at the end, evaluation and metrics. The finished anchor is exported as a Hugging Face folder
 with its tokenizer under ``<workdir>/anchors/<name>`` and recorded in ``<workdir>/chain.json``.
 Running the same command again skips finished links and resumes the running one at its last
@@ -25,14 +25,14 @@ import numpy as np
 from cbd_jax import data
 from cbd_jax.chain import bridge_link, checks, guards, metrics, source
 from cbd_jax.chain.checks import link_steps
-from cbd_jax.chain.link import LinkKind, LinkRun, train_link
+from cbd_jax.chain.link import LinkRun, LinkStrategy, held_out_sums, train_link
 from cbd_jax.checkpoints import hf_io, manifest
 from cbd_jax.distill import hidden_bridge, teacher_cache
 from cbd_jax.distill.train_step import LossSettings, make_eval_step, make_train_step, place_params
 from cbd_jax.interpolation import prune
 from cbd_jax.model.config import ModelConfig
 from cbd_jax.model.decoder import init_params
-from cbd_jax.model.sharding import global_batch, make_mesh, sync, tree_shardings
+from cbd_jax.model.sharding import make_mesh, sync, tree_shardings
 
 log = logging.getLogger(__name__)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -130,10 +130,7 @@ def student_config(link, teacher: ModelConfig) -> ModelConfig:
 
 def evaluate_kd(eval_step, params, teacher_params, batches, mesh) -> dict[str, float]:
   """Held-out token means of a KD eval step (kl, kd, ce, teacher_ce) and both perplexities."""
-  avg = metrics.TokenAverager()
-  for b in batches:
-    avg.add(jax.device_get(eval_step(params, teacher_params, global_batch(mesh, b, 0))))
-  out = avg.means()
+  out = metrics.token_means(held_out_sums(eval_step, batches, mesh, params, teacher_params))
   out["ppl"] = metrics.perplexity(out["ce"])
   out["teacher_ppl"] = metrics.perplexity(out["teacher_ce"])
   return out
@@ -165,7 +162,7 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
   return target, jax.tree.map(np.asarray, params)
 
 
-class KDLink(LinkKind):
+class KDLink(LinkStrategy):
   """Token-level KD from a teacher of the same tokenizer, with an optional CE mix."""
 
   name = "kd"
@@ -260,15 +257,16 @@ class CachedKDLink(KDLink):
                               "steps_computed_now": self.computed}}
 
 
-def make_kind(config, index: int, workdir: Path, entry: dict[str, Any], teacher_path: str,
-              tokenizer_path: str) -> LinkKind:
-  """The strategy of link ``index``: plain KD, or its bridge's kind."""
+def make_strategy(config, index: int, workdir: Path, entry: dict[str, Any], teacher_path: str,
+                  tokenizer_path: str) -> LinkStrategy:
+  """The strategy of link ``index``: plain KD (from its teacher cache when it has one), or its
+  bridge's."""
   link = config.chain[index]
   t_config, t_params = hf_io.load_hf_numpy(teacher_path)
   run = LinkRun(config, link, workdir, workdir / entry["path"], teacher_path, tokenizer_path,
                 t_config, t_params)
   if is_bridged(link):
-    return bridge_link.make_kind(run)
+    return bridge_link.make_strategy(run)
   return CachedKDLink(run) if teacher_cache.settings(link) else KDLink(run)
 
 
@@ -308,9 +306,9 @@ def _run_links(config, workdir: Path, doc: dict[str, Any], source_path: str,
         manifest.save(workdir, doc)
         return doc["anchors"][index]
 
-      kind = make_kind(config, index, workdir, entry, teacher_path, tokenizer_path)
+      strategy = make_strategy(config, index, workdir, entry, teacher_path, tokenizer_path)
       try:
-        done = train_link(kind, entry, on_start)
+        done = train_link(strategy, entry, on_start)
       except guards.Stopped as stop:  # The manifest records the step the link stopped at.
         doc["anchors"][index] = stop.entry
         manifest.save(workdir, doc)

@@ -1,7 +1,7 @@
-"""One link driver for every kind of link: plain KD, bridged KD, sequence-level KD, recovery.
+"""One link driver for every link strategy: plain KD, bridged KD, sequence-level KD, recovery.
 
-A link trains one student. What differs between kinds (where the student starts, which data and
-which step it trains with, how it is evaluated) is a small strategy object, a `LinkKind`; what
+A link trains one student. What differs between strategies (where the student starts, which data
+and which step it trains with, how it is evaluated) is a small object, a `LinkStrategy`; what
 does not is written here once: resume, optimizer, restore-or-init, teacher placement, the
 checkpoint loop, ``stop_after``, evaluation, metrics (pulled one step late, so the device never
 waits for the host), export and the multi-host sync points.
@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import signal
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,8 @@ class LinkRun:
     return int(self.link.batch_size * self.link.microbatches * self.link.seq_len)
 
 
-class LinkKind:
-  """What a kind of link decides; the driver calls these in order (see `train_link`)."""
+class LinkStrategy:
+  """What a link strategy decides; the driver calls these in order (see `train_link`)."""
 
   name = "kd"
   uses_teacher = True         # The step reads the teacher's params, placed on the mesh.
@@ -103,7 +104,7 @@ class LinkKind:
     raise NotImplementedError
 
   def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-    """Means of a window of summed step metrics (``loss`` and the kind's own)."""
+    """Means of a window of summed step metrics (``loss`` and the strategy's own)."""
     raise NotImplementedError
 
   def final(self, s_config: ModelConfig, params) -> dict[str, float]:
@@ -137,7 +138,7 @@ def compute_config(config: ModelConfig, link, teacher: bool = False) -> ModelCon
 class _Loop:
   """What the step loop runs with."""
 
-  kind: LinkKind
+  strategy: LinkStrategy
   teacher_params: Any
   mesh: Any
   manager: Any
@@ -179,11 +180,11 @@ def _run_steps(state, stop: int, loop: _Loop, config):
   saved once its step's loss, gradient and parameters are known to be finite. A SIGTERM / SIGINT
   (`guards.StopSignals`) stops the loop after the current step with a checkpoint there.
   """
-  kind, reporter, pending = loop.kind, loop.reporter, None
+  strategy, reporter, pending = loop.strategy, loop.reporter, None
   with guards.StopSignals() as signals:
     for step in range(int(jax.device_get(state.step)), stop):
-      state, m = kind.step(state, loop.teacher_params,
-                           global_batch(loop.mesh, kind.batch(step), 1))
+      state, m = strategy.step(state, loop.teacher_params,
+                               global_batch(loop.mesh, strategy.batch(step), 1))
       if pending is not None:  # Pulled one step late, so the device never waits for the host.
         _pull(loop, pending)
       pending = (step + 1, m)
@@ -196,7 +197,8 @@ def _run_steps(state, stop: int, loop: _Loop, config):
         _pull(loop, pending)
         pending = None
       if evaluate:  # Before the save: a resume from this checkpoint never lacks this row.
-        reporter.evaluated(step + 1, kind.evaluate(state.params, loop.teacher_params, loop.mesh))
+        evals = strategy.evaluate(state.params, loop.teacher_params, loop.mesh)
+        reporter.evaluated(step + 1, evals)
       if save:
         _save(loop, state)
       if signum is not None:
@@ -222,74 +224,77 @@ def _initial_state(student: ModelConfig, optimizer, sh, manager, start_params):
   return state
 
 
-def _student(kind: LinkKind, entry: dict[str, Any], on_start):
+def _student(strategy: LinkStrategy, entry: dict[str, Any], on_start):
   """(config, host params or None, entry): a resumed link keeps its recorded shape."""
-  if entry.get("config") is not None and kind.run.ckpt_dir.exists():
+  if entry.get("config") is not None and strategy.run.ckpt_dir.exists():
     s_config, fresh = ModelConfig.from_dict(entry["config"]), None
   else:
-    s_config, fresh = kind.new_student()
+    s_config, fresh = strategy.new_student()
   return s_config, fresh, on_start(s_config)
 
 
-def _setup(kind: LinkKind, s_config: ModelConfig, fresh):
+def _setup(strategy: LinkStrategy, s_config: ModelConfig, fresh):
   """(student, steps, mesh, optimizer, state, placed teacher params, manager) of a link."""
-  run, link = kind.run, kind.run.link
+  run, link = strategy.run, strategy.run.link
   student, steps = compute_config(s_config, link), link_steps(link)
   mesh = make_mesh(dict(run.config.mesh))
   check_batch(link.batch_size, run.config.eval.batch_size, mesh, f"link {link.name}")
   rules = parse_rules(run.config.get("sharding_rules"))
   optimizer, schedule = optimizer_for(link, steps)
   teacher = compute_config(run.t_config, link, teacher=True) if run.t_config else None
-  kind.build(student, teacher, optimizer, schedule, mesh, rules)
+  strategy.build(student, teacher, optimizer, schedule, mesh, rules)
   manager = orbax_io.make_checkpoint_manager(run.ckpt_dir, run.config.checkpoint.every,
-                                               run.config.checkpoint.keep)
+                                             run.config.checkpoint.keep)
   state = _initial_state(student, optimizer, state_shardings(student, optimizer, mesh, rules),
-                         manager, lambda: fresh if fresh is not None else kind.new_student()[1])
+                         manager,
+                         lambda: fresh if fresh is not None else strategy.new_student()[1])
   teacher_params = None
-  if kind.uses_teacher and run.t_params is not None:
+  if strategy.uses_teacher and run.t_params is not None:
     teacher_params = place_params(run.t_params, tree_shardings(run.t_params, mesh, rules),
                                   jnp.dtype(teacher.dtype))
   return steps, mesh, state, teacher_params, manager
 
 
-def _finish(kind: LinkKind, s_config, state, loop: _Loop, steps: int, entry) -> dict[str, Any]:
+def _finish(strategy: LinkStrategy, s_config, state, loop: _Loop, steps: int,
+            entry) -> dict[str, Any]:
   """Final evaluation, export of the student, the finished entry."""
-  run, lead = kind.run, jax.process_index() == 0
-  evals = kind.evaluate(state.params, loop.teacher_params, loop.mesh)
+  run, lead = strategy.run, jax.process_index() == 0
+  evals = strategy.evaluate(state.params, loop.teacher_params, loop.mesh)
   params = host_params(state.params)
-  evals.update(kind.final(s_config, params))
+  evals.update(strategy.final(s_config, params))
   loop.reporter.evaluated(steps, evals)
   loop.reporter.close()
   log.info("link %s done: %s", run.link.name,
            ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
   if lead:
-    hf_io.save_hf(s_config, params, run.out, tokenizer=kind.tokenizer(),
+    hf_io.save_hf(s_config, params, run.out, tokenizer=strategy.tokenizer(),
                   dtype=run.config.get("export_dtype") or None, overwrite=True)
   sync(f"export-{run.link.name}")
   loop.manager.close()
   return dict(entry, status="done", tokens=steps * run.tokens_per_step, steps=steps, eval=evals,
-              **kind.meta())
+              **strategy.meta())
 
 
-def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any]:
-  """Trains ``kind.run``'s link to completion (resuming if it can); returns its entry.
+def train_link(strategy: LinkStrategy, entry: dict[str, Any], on_start) -> dict[str, Any]:
+  """Trains ``strategy.run``'s link to completion (resuming if it can); returns its entry.
 
   ``on_start(config)`` is called once the student's shape is known and returns the entry to
   update (the chain records the running link there).
   """
-  run = kind.run
-  s_config, fresh, entry = _student(kind, entry, on_start)
-  steps, mesh, state, teacher_params, manager = _setup(kind, s_config, fresh)
-  if not kind.keeps_host_teacher:
+  run = strategy.run
+  s_config, fresh, entry = _student(strategy, entry, on_start)
+  steps, mesh, state, teacher_params, manager = _setup(strategy, s_config, fresh)
+  if not strategy.keeps_host_teacher:
     run.t_params = None  # The host copy is no longer needed.
   start = int(jax.device_get(state.step))
-  reporter = metrics.Reporter(run, kind, steps, start, jax.process_index() == 0)
+  reporter = metrics.Reporter(run, strategy, steps, start, jax.process_index() == 0)
   log.info("link %s (%s): %s (%s params) <- %s, steps %d..%d of %d tokens each", run.link.name,
-           kind.name, s_config.family, f"{num_params(s_config):,}", run.teacher_path or "data",
+           strategy.name, s_config.family, f"{num_params(s_config):,}",
+           run.teacher_path or "data",
            start, steps, run.tokens_per_step)
   stop_after = int(run.config.get("stop_after") or 0)
   stop = steps if not stop_after else min(steps, start + stop_after)
-  loop = _Loop(kind, teacher_params, mesh, manager, reporter)
+  loop = _Loop(strategy, teacher_params, mesh, manager, reporter)
   try:
     state = _run_steps(state, stop, loop, run.config)
   except (NonFiniteError, guards.Stopped) as e:  # Checkpoints stay; nothing is exported.
@@ -306,16 +311,22 @@ def train_link(kind: LinkKind, entry: dict[str, Any], on_start) -> dict[str, Any
     reporter.close()
     manager.close()
     return dict(entry, tokens=stop * run.tokens_per_step, steps=stop)
-  return _finish(kind, s_config, state, loop, steps, entry)
+  return _finish(strategy, s_config, state, loop, steps, entry)
+
+
+def held_out_sums(eval_step, batches, mesh, *args) -> dict[str, float]:
+  """The token sums of ``eval_step(*args, batch)`` over held-out batches, added up on the host."""
+  sums: dict[str, float] = defaultdict(float)
+  for b in batches:
+    for key, value in jax.device_get(eval_step(*args, global_batch(mesh, b, 0))).items():
+      sums[key] += float(value)
+  return dict(sums)
 
 
 def evaluate_lm(eval_step, params, batches, mesh) -> dict[str, float]:
   """{"ce", "ppl"} of an LM eval step (`lm_step.make_lm_eval_step`) over held-out batches,
   token-weighted."""
-  avg = metrics.TokenAverager()
-  for b in batches:
-    avg.add(jax.device_get(eval_step(params, global_batch(mesh, b, 0))))
-  ce = avg.means()["ce"]
+  ce = metrics.token_means(held_out_sums(eval_step, batches, mesh, params))["ce"]
   return {"ce": ce, "ppl": metrics.perplexity(ce)}
 
 

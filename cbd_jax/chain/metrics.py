@@ -23,33 +23,10 @@ from cbd_jax.files import read_json, write_json, write_text_atomic
 log = logging.getLogger(__name__)
 
 
-class TokenAverager:
-  """Accumulates ``<name>_sum`` values and the ``count`` of tokens; means = sums / count."""
-
-  def __init__(self):
-    self.sums: dict[str, float] = defaultdict(float)
-    self.count = 0.0
-    self.steps = 0
-    self.last: dict[str, float] = {}
-
-  def add(self, metrics: dict[str, Any]) -> None:
-    """Adds one step's (host) metrics; non-sum values are kept as their latest value."""
-    self.count += float(metrics["count"])
-    self.steps += 1
-    for key, value in metrics.items():
-      if key.endswith("_sum"):
-        self.sums[key[:-4]] += float(value)
-      elif key != "count":
-        self.last[key] = float(value)
-
-  def means(self) -> dict[str, float]:
-    """Token-weighted means of every summed metric, plus the latest non-sum values."""
-    out = {k: v / self.count if self.count else math.nan for k, v in self.sums.items()}
-    out.update(self.last)
-    return out
-
-  def reset(self) -> None:
-    self.__init__()
+def token_means(sums: dict[str, float]) -> dict[str, float]:
+  """{name: name_sum / count} of summed step metrics (nan when no token was counted)."""
+  count = sums.get("count", 0.0)
+  return {k[:-4]: v / count if count else math.nan for k, v in sums.items() if k.endswith("_sum")}
 
 
 def perplexity(ce: float) -> float:
@@ -146,9 +123,9 @@ class Reporter:
   equal an uninterrupted run's (but for time and throughput).
   """
 
-  def __init__(self, run, kind, steps: int, start: int, lead: bool):
+  def __init__(self, run, strategy, steps: int, start: int, lead: bool):
     config = run.config
-    self.name, self.kind, self.steps = run.link.name, kind, steps
+    self.name, self.strategy, self.steps = run.link.name, strategy, steps
     path = run.workdir / "metrics" / f"{run.link.name}.jsonl"
     self.window_path = path.with_suffix(".window.json")
     if lead:
@@ -191,7 +168,7 @@ class Reporter:
       self.timed += 1
     if step % self.every and step != self.steps:
       return
-    means = dict(self.kind.summarize(self.sums), **self.last)
+    means = dict(self.strategy.summarize(self.sums), **self.last)
     if self.timed:  # Else (a window of one step after a pause) the last rate stands.
       self.rate = self.timed * self.tokens_per_step / (time.time() - self.t_window)
     means["tokens_per_s"] = self.rate
