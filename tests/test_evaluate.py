@@ -69,7 +69,9 @@ def task_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tasks")
   docs = news_next.news_next_docs(assets.english_text()["heldout"], num_docs=10, seed=1,
                                   context_sentences=1)
-  data = news_next.write_jsonl(docs, folder / "mc.jsonl")
+  data = folder / "mc.jsonl"  # One JSON document a line, as datasets' "json" builder reads.
+  data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                  encoding="utf-8")
   (folder / f"{TASK}.yaml").write_text(TASK_YAML.replace("TASK", TASK).replace("DATA", str(data)))
   return str(folder)
 
@@ -85,7 +87,7 @@ def test_multiple_choice_task_matches_hf_backend(folder, backends, task_dir):
 
   ours, hf = backends
   results = harness.evaluate_model(folder, TASK, include_path=task_dir, log_samples=True,
-                                      batch_size=6)
+                                   batch_size=6)
   manager = harness.check_tasks([TASK], task_dir)
   oracle = lm_eval.simple_evaluate(model=hf, tasks=[TASK], task_manager=manager, log_samples=True,
                                    bootstrap_iters=1000)

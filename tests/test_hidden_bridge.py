@@ -9,7 +9,14 @@ from cbd_jax.distill import hidden_bridge
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
 
-_loss_sum = jax.jit(hidden_bridge.hidden_loss_sum, static_argnames="kind")
+
+def _one_state_sum(s, t, projector=None, kind="mse", mask=None):
+  """The loss of one student state against one teacher state: a layer map of one entry."""
+  return hidden_bridge.layered_hidden_loss_sum(s[None], t[None], np.zeros(1, np.int32), projector,
+                                               kind, mask)
+
+
+_loss_sum = jax.jit(_one_state_sum, static_argnames="kind")
 _layered_sum = jax.jit(hidden_bridge.layered_hidden_loss_sum, static_argnames="kind")
 
 
@@ -97,7 +104,7 @@ def test_hidden_losses_match_numpy_with_mask_and_gradients():
     np.testing.assert_allclose(total, (ref * mask).sum(), rtol=1e-5)
     assert float(count) == mask.sum()
   grads = jax.jit(jax.grad(
-      lambda p, s_, t_: hidden_bridge.hidden_loss_sum(s_, t_, p, "cosine", mask)[0], (0, 1, 2)))(
+      lambda p, s_, t_: _one_state_sum(s_, t_, p, "cosine", mask)[0], (0, 1, 2)))(
           proj, s, t)
   assert np.asarray(grads[0]["weight"]).any() and np.asarray(grads[1]).any()
   assert not np.asarray(grads[2]).any()
@@ -133,7 +140,7 @@ def test_bad_arguments_raise_one_line_errors():
   with pytest.raises(ValueError, match="paired activations"):
     hidden_bridge.init_projector(4, 4, "lstsq")
   with pytest.raises(ValueError, match="hidden size to the teacher"):
-    hidden_bridge.hidden_loss_sum(_x((2, 3, 4)), _x((2, 3, 5)))
+    _one_state_sum(_x((2, 3, 4)), _x((2, 3, 5)))
 
 
 TEACHER_CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=2,

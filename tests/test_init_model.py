@@ -203,7 +203,7 @@ def test_calibration_reads_only_the_calibration_text(anchors, tmp_path):
     assert any("held-out perplexity on 128 tokens" in line for line in lines), lines
   a, b = (hf_io.load_hf(tmp_path / f"t{i}")[1] for i in range(2))
   jax_equal = [np.array_equal(x, y) for x, y in zip(layout.flatten(a).values(),
-                                                      layout.flatten(b).values(), strict=True)]
+                                                    layout.flatten(b).values(), strict=True)]
   assert all(jax_equal)  # The held-out text changed; the target did not.
   first = summaries[0]
   # Two calibration rows of 128 tokens: the fewest whole rows that hold 170 tokens.

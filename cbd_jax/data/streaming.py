@@ -66,7 +66,7 @@ class StreamedTokens:
     self.state_dir = None
     if state_dir is not None:
       key = hash_key(source_id, tokenizer_fingerprint(tokenizer), seq_len, seed, text_field,
-                  self.shuffle_buffer, process_index, process_count, _GROUP, _STREAM_FORMAT)
+                     self.shuffle_buffer, process_index, process_count, _GROUP, _STREAM_FORMAT)
       self.state_dir = Path(state_dir) / key
     self._iter, self._done, self._last = None, 0, StreamPosition()
 

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax.distill import losses, step_core, vocab_bridge
+from cbd_jax.distill import step_core, vocab_bridge
 from cbd_jax.distill.fused_loss import fused_cross_entropy
 from cbd_jax.distill.train_step import LossSettings, state_shardings
 from cbd_jax.model import decoder
@@ -37,21 +37,14 @@ def bridged_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSettings,
   t_params = jax.lax.stop_gradient(teacher_params)
   t_hidden, _ = decoder.apply_hidden(teacher, t_params, mb["teacher_ids"])
   t_hidden_BxAxD = vocab_bridge.gather_positions(t_hidden, mb["teacher_pos"])
-  t_logits = decoder.logits_from_hidden(teacher, t_params, t_hidden_BxAxD)
-  t_logp_BxAxV = jax.lax.stop_gradient(
-      vocab_bridge.project_logprobs(t_logits, token_map, teacher.vocab_limit))
+  t_logits_BxAxW = decoder.logits_from_hidden(teacher, t_params, t_hidden_BxAxD)
   s_params = step_core.compute_params(student, params)
   s_hidden, _ = decoder.apply_hidden(student, s_params, mb["ids"])
-  s_logits = decoder.logits_from_hidden(
+  s_logits_BxAxV = decoder.logits_from_hidden(
       student, s_params, vocab_bridge.gather_positions(s_hidden, mb["student_pos"]))
-  pad = s_logits.shape[-1] - t_logp_BxAxV.shape[-1]
-  if pad < 0:
-    raise ValueError(f"student head has {s_logits.shape[-1]} rows, fewer than the token map's "
-                     f"{t_logp_BxAxV.shape[-1]} student tokens")
-  t_logp_BxAxV = jnp.pad(t_logp_BxAxV, [(0, 0), (0, 0), (0, pad)], constant_values=-1e30)
-  pair_mask = mb["pair_mask"].astype(jnp.float32)
-  kd_sum, pairs = losses.kd_loss_sum(s_logits, t_logp_BxAxV, loss.kind, loss.temperature,
-                                     pair_mask, student.vocab_limit)
+  kd_sum, pairs = vocab_bridge.projected_kd_sum(
+      s_logits_BxAxV, t_logits_BxAxW, token_map, mb["pair_mask"].astype(jnp.float32), loss.kind,
+      loss.temperature, student.vocab_limit, teacher.vocab_limit)
   ce_sum, count = fused_cross_entropy(s_hidden, decoder.head_weight(student, s_params),
                                       mb["labels"], mb["mask"].astype(jnp.float32),
                                       student.vocab_limit, loss.chunk_size)

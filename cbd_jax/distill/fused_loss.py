@@ -6,7 +6,8 @@ pass (when differentiating) and kept as residuals (d hidden [B, T, D] and d head
 of the inputs), so the backward pass is a scaling and the total matmul work equals the naive path:
 forward  z_s, z_t;  gradient  dz_s W_s, dz_s^T h_s.
 
-Values and gradients equal ``losses.kd_loss_sum`` / ``losses.cross_entropy_sum`` on the full
+Each chunk's sums are ``losses.kd_loss_sum`` / ``losses.kd_loss_topk_sum`` /
+``losses.cross_entropy_sum`` of its logits, so values and gradients equal them on the full
 logits. The teacher (hidden, head, or top-k log-probs) gets zero gradient, and so do the
 temperature and the loss weights, which are therefore static Python floats (a traced one is
 refused). Matmuls take the inputs' own dtype with fp32 accumulation (exact products for bf16
@@ -36,7 +37,7 @@ from cbd_jax.model.sharding import batch_shards, constrain_batch
 class _Spec:
   """What the per-chunk loss computes (static)."""
 
-  teacher: str  # "none" | "dense" | "topk"
+  teacher: str  # The teacher's form: "none" | "dense" | "topk".
   use_ce: bool
   temperature: float = 1.0
   kd_weight: float = 1.0
@@ -63,17 +64,14 @@ def _chunk_sums(spec: _Spec, h_BxCxD, w_VxD, tok, consts):
   if spec.teacher == "dense":
     zt_BxCxV = constrain_batch(
         jax.lax.stop_gradient(_logits(tok["teacher_hidden"], consts["teacher_head"])))
-    per = losses.kd_per_token(z_BxCxV, zt_BxCxV, spec.kind, t, spec.vocab_limit, spec.skew,
-                              spec.beta)
-    kd_sum = losses.weighted_sum(per, tok["mask"])[0]
+    kd_sum = losses.kd_loss_sum(z_BxCxV, zt_BxCxV, spec.kind, t, tok["mask"], spec.vocab_limit,
+                                spec.skew, spec.beta)[0]
   elif spec.teacher == "topk":
-    per = losses.kd_topk_per_token(z_BxCxV, tok["teacher_indices"], tok["teacher_logprobs"],
-                                   spec.kind, t, spec.vocab_limit, spec.missing, spec.skew,
-                                   spec.beta, tok.get("teacher_rest"))
-    kd_sum = losses.weighted_sum(per, tok["mask"])[0]
+    kd_sum = losses.kd_loss_topk_sum(z_BxCxV, tok["teacher_indices"], tok["teacher_logprobs"],
+                                     spec.kind, t, tok["mask"], spec.vocab_limit, spec.missing,
+                                     spec.skew, spec.beta, tok.get("teacher_rest"))[0]
   if spec.use_ce:
-    per = losses.cross_entropy_per_token(z_BxCxV, tok["labels"], spec.vocab_limit)
-    ce_sum = losses.weighted_sum(per, tok["ce_mask"])[0]
+    ce_sum = losses.cross_entropy_sum(z_BxCxV, tok["labels"], tok["ce_mask"], spec.vocab_limit)[0]
   objective = spec.kd_weight * kd_sum + spec.ce_weight * ce_sum
   return objective, (kd_sum, ce_sum)
 
@@ -145,6 +143,20 @@ def chunk_positions(b: int, t: int, chunk_size: int) -> int:
   return max(1, min(t, chunk_size // rows_per_device))
 
 
+def map_chunks(fn, hidden_BxTxD, chunk_size: int):
+  """``fn(hidden_BxCxD)`` over the chunks of sequence positions the fused loss uses (``chunk_size``
+  tokens per device), one chunk at a time; its outputs [B, C, ...] joined back to [B, T, ...]."""
+  b, t = hidden_BxTxD.shape[:2]
+  chunk_len = chunk_positions(b, t, chunk_size)
+  num_chunks = -(-t // chunk_len)
+  outs = jax.lax.map(fn, _to_chunks(hidden_BxTxD, num_chunks, chunk_len))
+
+  def join(x_NxBxC):
+    x = jnp.moveaxis(x_NxBxC, 0, 1)
+    return x.reshape((b, num_chunks * chunk_len) + x.shape[3:])[:, :t]
+  return jax.tree.map(join, outs)
+
+
 def _static(name: str, value) -> float:
   """``value`` as a Python float; a traced value is refused (its gradient would be zero)."""
   if isinstance(value, jax.core.Tracer):
@@ -162,7 +174,7 @@ def _check_head(name: str, hidden, head_VxD):
 
 
 def _teacher_inputs(hidden_BxTxD, head_VxD, topk, student_btv, chunks, tok, consts) -> str:
-  """Adds the teacher's chunked inputs to ``tok`` / ``consts``; returns its kind: "topk"
+  """Adds the teacher's chunked inputs to ``tok`` / ``consts``; returns its form: "topk"
   (``topk = (indices, logprobs, rest)``), "dense" (hidden states and head) or "none"."""
   b, t, num_v = student_btv
   if topk is not None:
@@ -243,19 +255,6 @@ def fused_kd_loss(student_hidden_BxTxD, student_head_VxD, teacher_hidden_BxTxD, 
       student_hidden_BxTxD, student_head_VxD, teacher_hidden_BxTxD, teacher_head_VxD, kind=kind,
       temperature=temperature, mask=mask, vocab_limit=vocab_limit, chunk_size=chunk_size,
       skew=skew, beta=beta)
-  return objective, metrics["kd_count"]
-
-
-def fused_kd_loss_topk(student_hidden_BxTxD, student_head_VxD, teacher_indices,
-                       teacher_logprobs, kind: str = "fkl", temperature=1.0, mask=None,
-                       vocab_limit: int | None = None, chunk_size: int = 1024,
-                       missing: str = "tail", skew: float = 0.1, beta: float = 0.5,
-                       teacher_rest=None):
-  """(sum, count) of the top-k KD loss (``losses.kd_loss_topk_sum``), chunked."""
-  objective, metrics = fused_distill_loss(
-      student_hidden_BxTxD, student_head_VxD, kind=kind, temperature=temperature, mask=mask,
-      vocab_limit=vocab_limit, chunk_size=chunk_size, missing=missing, skew=skew, beta=beta,
-      teacher_topk=(teacher_indices, teacher_logprobs, teacher_rest))
   return objective, metrics["kd_count"]
 
 

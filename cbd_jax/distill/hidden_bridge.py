@@ -121,13 +121,6 @@ def hidden_loss_per_token(student_BxTxDs, teacher_BxTxDt, projector: dict | None
   return 1.0 - dot / norms
 
 
-def hidden_loss_sum(student_BxTxDs, teacher_BxTxDt, projector: dict | None = None,
-                    kind: str = "mse", mask=None):
-  """(sum_t w_t loss_t, sum_t w_t) of ``hidden_loss_per_token``."""
-  per = hidden_loss_per_token(student_BxTxDs, teacher_BxTxDt, projector, kind)
-  return losses.weighted_sum(per, losses.token_weights(per.shape, mask))
-
-
 def layered_hidden_loss_sum(student_LxBxTxDs, teacher_LxBxTxDt, layers, projector: dict | None
                             = None, kind: str = "mse", mask=None):
   """(sum over student states i and tokens of loss(s_i, t_{layers[i]}), tokens * states)."""

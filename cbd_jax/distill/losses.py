@@ -6,8 +6,7 @@ gradient scale does not depend on T. All maths is fp32 whatever the dtype of the
 
 Columns at or beyond ``vocab_limit`` (padded rows of an output head, see
 ``ModelConfig.vocab_limit``) get zero probability on both sides. Reductions come as token-weighted
-``(sum, count)`` pairs, which add exactly across devices, hosts, microbatches and logging windows;
-``kd_loss`` / ``cross_entropy`` divide them for convenience.
+``(sum, count)`` pairs, which add exactly across devices, hosts, microbatches and logging windows.
 
 Kinds (per token, before the T**2 factor):
   fkl       KL(p||q) = sum p (log p - log q)
@@ -126,23 +125,11 @@ def weighted_sum(per_token, weights) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(x * weights), jnp.sum(weights)
 
 
-def mean_from_sum(total, count) -> jax.Array:
-  """total / count, and 0 when count is 0."""
-  return jnp.where(count > 0, total / jnp.maximum(count, 1e-30), 0.0)
-
-
 def kd_loss_sum(student_logits, teacher_logits, kind: str = "fkl", temperature=1.0, mask=None,
                 vocab_limit: int | None = None, skew: float = 0.1, beta: float = 0.5):
   """(sum_t w_t * T**2 D_t, sum_t w_t) over token positions; the teacher gets no gradient."""
   per = kd_per_token(student_logits, teacher_logits, kind, temperature, vocab_limit, skew, beta)
   return weighted_sum(per, token_weights(per.shape, mask))
-
-
-def kd_loss(student_logits, teacher_logits, kind: str = "fkl", temperature=1.0, mask=None,
-            vocab_limit: int | None = None, skew: float = 0.1, beta: float = 0.5):
-  """Token-weighted mean sum_t w_t T**2 D_t / sum_t w_t (fp32 scalar)."""
-  return mean_from_sum(*kd_loss_sum(student_logits, teacher_logits, kind, temperature, mask,
-                                    vocab_limit, skew, beta))
 
 
 def cross_entropy_per_token(logits, labels, vocab_limit: int | None = None) -> jax.Array:
@@ -162,11 +149,6 @@ def cross_entropy_sum(logits, labels, mask=None, vocab_limit: int | None = None)
   """(sum_t w_t (-log q_t[y_t]), sum_t w_t), w_t = mask_t [y_t >= 0]."""
   per = cross_entropy_per_token(logits, labels, vocab_limit)
   return weighted_sum(per, label_weights(labels, mask))
-
-
-def cross_entropy(logits, labels, mask=None, vocab_limit: int | None = None):
-  """Token-weighted mean of -log q_t[y_t]."""
-  return mean_from_sum(*cross_entropy_sum(logits, labels, mask, vocab_limit))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,12 +245,3 @@ def kd_loss_topk_sum(student_logits, teacher_indices, teacher_logprobs, kind: st
   per = kd_topk_per_token(student_logits, teacher_indices, teacher_logprobs, kind, temperature,
                           vocab_limit, missing, skew, beta, teacher_rest)
   return weighted_sum(per, token_weights(per.shape, mask))
-
-
-def kd_loss_topk(student_logits, teacher_indices, teacher_logprobs, kind: str = "fkl",
-                 temperature=1.0, mask=None, vocab_limit: int | None = None,
-                 missing: str = "tail", skew: float = 0.1, beta: float = 0.5, teacher_rest=None):
-  """Token-weighted mean of the top-k KD loss (``kd_loss_topk_sum`` divided)."""
-  return mean_from_sum(*kd_loss_topk_sum(student_logits, teacher_indices, teacher_logprobs, kind,
-                                         temperature, mask, vocab_limit, missing, skew, beta,
-                                         teacher_rest))

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from cbd_jax import data
 from cbd_jax.distill import losses, step_core
-from cbd_jax.distill.fused_loss import chunk_positions, fused_distill_loss
+from cbd_jax.distill.fused_loss import fused_distill_loss, map_chunks
 from cbd_jax.distill.train_step import LossSettings, state_shardings
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig
@@ -111,11 +111,11 @@ def make_topk(teacher: ModelConfig, k: int, temperature: float, chunk_size: int,
   def one(params, ids_BxT):
     hidden, _ = decoder.apply_hidden(teacher, params, ids_BxT)
     head = decoder.head_weight(teacher, params)
-    b, t = ids_BxT.shape
-    step = chunk_positions(b, t, chunk_size)
-    pieces = [losses.topk_teacher(hidden[:, i:i + step] @ head.T.astype(hidden.dtype), k,
-                                  temperature, teacher.vocab_limit) for i in range(0, t, step)]
-    return tuple(jnp.concatenate([p[j] for p in pieces], axis=1) for j in range(3))
+
+    def chunk_topk(h_BxCxD):
+      return losses.topk_teacher(h_BxCxD @ head.T.astype(h_BxCxD.dtype), k, temperature,
+                                 teacher.vocab_limit)
+    return map_chunks(chunk_topk, hidden, chunk_size)
 
   def topk(params, ids_MxBxT):
     return jax.lax.map(lambda ids: one(params, ids), ids_MxBxT)

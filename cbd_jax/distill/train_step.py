@@ -146,11 +146,11 @@ def _microbatch_sums(student: ModelConfig, teacher: ModelConfig, loss: LossSetti
   """
   s_params = compute_params(student, params)
   t_hidden, t_layers = decoder.apply_hidden(teacher, teacher_params, mb["ids"],
-                                          output_hidden=hidden is not None)
+                                            output_hidden=hidden is not None)
   t_hidden = jax.lax.stop_gradient(t_hidden)
   t_head = jax.lax.stop_gradient(decoder.head_weight(teacher, teacher_params))
   s_hidden, s_layers = decoder.apply_hidden(student, s_params, mb["ids"],
-                                          output_hidden=hidden is not None)
+                                            output_hidden=hidden is not None)
   s_head = decoder.head_weight(student, s_params)
   mask = mb["mask"].astype(jnp.float32)
   s_head, t_head = _common_vocab(s_head, t_head)

@@ -159,11 +159,6 @@ def build_token_map(teacher_tokenizer, student_tokenizer, fallback: str = "prefi
   return TokenMap(ids, exact, len(sv))
 
 
-def identity_token_map(vocab_size: int) -> TokenMap:
-  """The map of a tokenizer onto itself."""
-  return TokenMap(np.arange(vocab_size, dtype=np.int32), np.ones(vocab_size, bool), vocab_size)
-
-
 @dataclasses.dataclass(frozen=True)
 class Alignment:
   """Token ids of one text on both sides and the aligned positions (token indices)."""
@@ -230,31 +225,17 @@ def gather_positions(x_BxTx, pos_BxA):
   return jnp.take_along_axis(x_BxTx, pos_BxA[..., None].astype(jnp.int32), axis=1)
 
 
-def projected_kd_loss_sum(student_logits_BxTxV, teacher_logits_BxUxW, token_map: TokenMap,
-                          student_pos_BxA, teacher_pos_BxA, pos_mask_BxA=None,
-                          kind: str = "fkl", temperature=1.0, vocab_limit: int | None = None,
-                          teacher_vocab_limit: int | None = None, **kwargs):
-  """(sum, count) of kd_loss between student logits and the projected teacher, aligned pairs."""
-  s = gather_positions(student_logits_BxTxV, student_pos_BxA)
-  t = project_logprobs(gather_positions(teacher_logits_BxUxW, teacher_pos_BxA), token_map,
-                       teacher_vocab_limit)
-  if t.shape[-1] != s.shape[-1]:
-    pad = s.shape[-1] - t.shape[-1]
-    if pad < 0:
-      raise ValueError(f"student head has {s.shape[-1]} rows, fewer than the token map's "
-                       f"{t.shape[-1]} student tokens")
-    t = jnp.concatenate([t, jnp.full(t.shape[:-1] + (pad,), -1e30, t.dtype)], -1)
-  return losses.kd_loss_sum(s, jax.lax.stop_gradient(t), kind, temperature, pos_mask_BxA,
-                            vocab_limit, **kwargs)
-
-
-def aligned_batch(alignments: list[Alignment], max_pairs: int | None = None):
-  """(teacher_pos, student_pos, mask) [B, A] padded from per-text alignments (numpy)."""
-  a = max_pairs or max(len(x.teacher_pos) for x in alignments)
-  t_pos = np.zeros((len(alignments), a), np.int32)
-  s_pos = np.zeros((len(alignments), a), np.int32)
-  mask = np.zeros((len(alignments), a), bool)
-  for b, x in enumerate(alignments):
-    n = min(a, len(x.teacher_pos))
-    t_pos[b, :n], s_pos[b, :n], mask[b, :n] = x.teacher_pos[:n], x.student_pos[:n], True
-  return t_pos, s_pos, mask
+def projected_kd_sum(student_logits_BxAxV, teacher_logits_BxAxW, token_map: TokenMap,
+                     pair_mask_BxA=None, kind: str = "fkl", temperature=1.0,
+                     vocab_limit: int | None = None, teacher_vocab_limit: int | None = None):
+  """(sum, count) of KD between the student and the projected teacher at aligned pairs, both
+  given at the pairs (`gather_positions`); the teacher gets no gradient."""
+  t = jax.lax.stop_gradient(project_logprobs(teacher_logits_BxAxW, token_map,
+                                             teacher_vocab_limit))
+  pad = student_logits_BxAxV.shape[-1] - t.shape[-1]
+  if pad < 0:
+    raise ValueError(f"student head has {student_logits_BxAxV.shape[-1]} rows, fewer than the "
+                     f"token map's {t.shape[-1]} student tokens")
+  t = jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, pad)], constant_values=-1e30)
+  return losses.kd_loss_sum(student_logits_BxAxV, t, kind, temperature, pair_mask_BxA,
+                            vocab_limit)

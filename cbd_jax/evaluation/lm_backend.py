@@ -54,7 +54,7 @@ def score_tokens(config: ModelConfig, params, ids_BxT, targets_BxT, weights_BxT)
   if config.is_gpt2:
     positions = jnp.minimum(positions, config.max_position_embeddings - 1)
   hidden, _ = decoder.apply_hidden(config, params, ids_BxT,
-                                 positions=jnp.broadcast_to(positions, (B, T)))
+                                   positions=jnp.broadcast_to(positions, (B, T)))
   chunk = math.gcd(T, _HEAD_CHUNK)
 
   def one(args):

@@ -78,7 +78,7 @@ def _batch_moments(config: ModelConfig, params: dict, ids_BxT, keys: tuple[str, 
   ("neurons") and of the concatenated head outputs [l, H hd, H hd] ("heads"): what down and o
   read."""
   _, state = decoder.Decoder(config).apply({"params": decoder._wrap_embeddings(params)}, ids_BxT,
-                                         mutable=["intermediates"])
+                                           mutable=["intermediates"])
   inter = state["intermediates"]["layers"]
   found = {"neurons": inter["mlp"]["neurons"][0], "heads": inter["attn"]["heads"][0]}
   out = {}

@@ -54,7 +54,7 @@ def _generate(config: ModelConfig, params, prompt_BxP, prompt_mask_BxP, rng, max
     token, cache, pos, alive, rng = carry
     rng, key = jax.random.split(rng)
     logits, cache = decoder.apply_cached(config, params, token[:, None], cache, P + i, slots,
-                                       pos[:, None])
+                                         pos[:, None])
     new = _sample(logits[:, -1], key, temperature, top_k, config.vocab_limit)
     alive_next = alive & (token != eos_id)
     return (new, cache, pos + 1, alive_next, rng), (token, alive)

@@ -8,7 +8,6 @@ English ranks the true sentence first far more often than 1 in 4. Built offline 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -40,15 +39,6 @@ def news_next_docs(text_file: str | Path, num_docs: int = 200, seed: int = 0,
     docs.append({"context": " ".join(articles[k][:context_sentences]), "choices": choices,
                  "label": choices.index(truth)})
   return docs
-
-
-def write_jsonl(docs: list[dict], path: str | Path) -> Path:
-  """One JSON document a line (what ``datasets.load_dataset("json", ...)`` reads)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
-                  encoding="utf-8")
-  return path
 
 
 def load(num_docs: int = 200, seed: int = 0, **unused):
