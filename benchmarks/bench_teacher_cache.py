@@ -44,7 +44,7 @@ def _default_link0():
   from cbd_jax.checkpoints import assets, gguf_cache, hf_io
   from configs import default
 
-  teacher = hf_io.load_config(gguf_cache.hf_folder(str(assets.smollm2_gguf())))
+  teacher = hf_io.load_model_config(gguf_cache.hf_folder(str(assets.smollm2_gguf())))
   return default.get_config(""), teacher, teacher.replace(**default.ANCHOR_70M, head_dim=64)
 
 

@@ -109,7 +109,7 @@ def test_cached_step_equals_a_float64_reference_in_every_storage_dtype(cached):
     rest = ref.tail_logprob(t_logits, stored["idx"], TEMPERATURE, REAL_V)  # The true tail.
     want_kd = ref.kd_topk_per_token(s_logits, stored["idx"], stored["logp"], rest, "rkl",
                                     TEMPERATURE, REAL_V).sum()
-    _, metrics = step(init(s_params), None, dict(batch, **teacher_cache.read(folders[8, dtype],
+    _, metrics = step(init(s_params), None, dict(batch, **teacher_cache.read_step(folders[8, dtype],
                                                                              0)))
     np.testing.assert_allclose(metrics["kd_sum"], want_kd, rtol=1e-5, err_msg=dtype)
     np.testing.assert_allclose(metrics["ce_sum"], want_ce, rtol=1e-5, err_msg=dtype)
@@ -150,7 +150,7 @@ def test_cached_kd_equals_live_kd_for_every_kind_and_storage_dtype(cached):
     want = ref.kd_per_token(s_logits, t_logits, kind, TEMPERATURE, REAL_V).sum()
     np.testing.assert_allclose(live[kind], want, rtol=1e-5, err_msg=kind)
   for (k, dtype), folder in folders.items():
-    stored, read = _stored(folder), teacher_cache.read(folder, 0)
+    stored, read = _stored(folder), teacher_cache.read_step(folder, 0)
     got = _kd_of_every_kind(s_params, None, batch["ids"],
                             (read["t_idx"], read["t_logp"], read["t_rest"]))
     rest = ref.tail_logprob(t_logits, stored["idx"], TEMPERATURE, REAL_V)

@@ -74,14 +74,14 @@ def preflight(config, source_path: str, tokenizer_path: str) -> None:
   and batch divisibility over the mesh. Stops at the first bridged link (its student's
   tokenizer is another one; its own checks run when it starts)."""
   mesh = make_mesh(dict(config.mesh))
-  teacher = hf_io.load_config(source_path)
+  teacher = hf_io.load_model_config(source_path)
   tokens = len(hf_io.load_tokenizer(tokenizer_path))
   for i, link in enumerate(config.chain):
     where = f"config.chain[{i}] ({link.name})"
     checks.check_batch(link.batch_size, config.eval.batch_size, mesh, where)
     if is_bridged(link):
       return
-    student = (hf_io.load_config(link.init) if link.get("init") and os.path.isdir(link.init)
+    student = (hf_io.load_model_config(link.init) if link.get("init") and os.path.isdir(link.init)
                else None if link.get("init") else student_config(link, teacher))
     for role, model_config in (("teacher", teacher), ("student", student)):
       if model_config is not None:
@@ -246,7 +246,7 @@ class CachedKDLink(KDLink):
     return super().batch(step)
 
   def batch(self, step):
-    return dict(self.train_batch(step), **teacher_cache.read(self.folder, step))
+    return dict(self.train_batch(step), **teacher_cache.read_step(self.folder, step))
 
   def step(self, state, teacher_params, batch):
     return self.train_step(state, None, batch)

@@ -149,7 +149,7 @@ class NonFiniteError(ValueError):
   """A training step produced a non-finite loss, gradient or parameter."""
 
 
-def check_finite(name: str, step: int, m: dict[str, Any], last_checkpoint) -> None:
+def check_step_finite(name: str, step: int, m: dict[str, Any], last_checkpoint) -> None:
   """Stops the link, in one line, when a step's loss, gradient or new params are not finite."""
   bad = [k for k in ("loss", "grad_norm", "param_norm") if k in m and not np.isfinite(m[k])]
   if bad:
@@ -164,7 +164,7 @@ def _pull(loop: _Loop, pending) -> None:
   """Reports one step's metrics (host copy) and stops the link if they are not finite."""
   step, m = pending[0], jax.device_get(pending[1])
   loop.reporter.add(step, m)
-  check_finite(loop.reporter.name, step, m, loop.manager.latest_step())
+  check_step_finite(loop.reporter.name, step, m, loop.manager.latest_step())
 
 
 def _save(loop: _Loop, state) -> None:

@@ -148,7 +148,7 @@ def _folder_config(path: Path) -> ModelConfig:
   return config
 
 
-def load_config(path_or_id: str | os.PathLike) -> ModelConfig:
+def load_model_config(path_or_id: str | os.PathLike) -> ModelConfig:
   """The `ModelConfig` of an HF folder, hub id or .gguf file, without reading the weights of a
   folder."""
   path = resolve(path_or_id)

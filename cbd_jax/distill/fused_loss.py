@@ -170,7 +170,7 @@ def _check_head(name: str, hidden, head_VxD):
     raise ValueError(f"{name} hidden must be [batch, seq, dim], got shape {hidden.shape}")
   if head_VxD.ndim != 2 or head_VxD.shape[1] != hidden.shape[-1]:
     raise ValueError(f"{name} head must be [vocab, {hidden.shape[-1]}] (PyTorch layout, see "
-                     f"model.head_weight), got shape {head_VxD.shape}")
+                     f"decoder.head_weight), got shape {head_VxD.shape}")
 
 
 def _teacher_inputs(hidden_BxTxD, head_VxD, topk, student_btv, chunks, tok, consts) -> str:

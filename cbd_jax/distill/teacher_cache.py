@@ -214,7 +214,7 @@ def _write(path: Path, idx: np.ndarray, logp: np.ndarray, rest: np.ndarray) -> N
   os.replace(tmp, path)
 
 
-def read(folder: Path, step: int) -> dict[str, np.ndarray]:
+def read_step(folder: Path, step: int) -> dict[str, np.ndarray]:
   """``{"t_idx", "t_logp", "t_rest"}`` of a step (this process's rows), fp32 log-probs."""
   path = _file(folder, step)
   try:

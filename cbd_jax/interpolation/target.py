@@ -2,7 +2,8 @@
 
 Anchors come from a finished chain (its ``chain.json`` manifest: the two adjacent anchors with
 status "done" whose parameter counts bracket the size) or from two HF folders given directly.
-No teacher and no source model are loaded.
+No teacher is called: the anchors are the only models loaded (with ``use_source`` the chain's
+source may be one of them, as the largest anchor).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _eval_seq_len(seq_len: int | None, limit: int | None, log) -> int:
 
 
 def _calibration(chain_dir, doc, calib_text, recipe, text, folders, log):
-  """The calibration source (`calib_data`): ``calib_text``, else the chain's training data in
+  """The calibration source (`data.calibration`): ``calib_text``, else the chain's training data in
   the batches of the smaller anchor's link; None (with a notice) when there is none or the
   recipe calibrates nothing."""
   if recipe.method != "cbd":
@@ -174,9 +175,9 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
                 log: Callable[[str], None] = print) -> dict:
   """Makes a ``size`` model from two anchors (`calibrate.make_target`), saves it to ``out`` and
   returns a summary. ``anchors`` (two folders) takes precedence over ``chain``. Calibration reads
-  the first training batches of ``calib_text`` (default: the chain's training data; `calib_data`),
-  never ``text``, on which the target and both anchors are measured (first ``eval_tokens``
-  tokens, rows of ``seq_len``, default 256 within GPT-2's positions)."""
+  the first training batches of ``calib_text`` (default: the chain's training data;
+  `data.calibration`), never ``text``, on which the target and both anchors are measured (first
+  ``eval_tokens`` tokens, rows of ``seq_len``, default 256 within GPT-2's positions)."""
   start = time.time()
   recipe = recipe or calibrate.Recipe()
   path_a, path_b, chain_dir = _resolve(size, chain, anchors, use_source)
