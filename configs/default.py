@@ -57,6 +57,7 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       bridge="none",
       optimizer=optimizer(lr, warmup_steps),
       batch_size=batch_size, microbatches=1, seq_len=seq_len,
+      per_device_batch_size=0.0,       # > 0: sequences per device, instead of batch_size.
       dtype="float32", teacher_dtype="", remat=False,
       teacher_cache=dict(k=0, dir="", dtype="float32"),  # k > 0: the teacher's top-k, cached.
   ))

@@ -10,6 +10,8 @@ Every field can be overridden from the command line; links are addressed by inde
 (``--config.chain[2].loss.kind=rkl``). A link's student starts from ``init`` (a public
 checkpoint: hub id or folder) when set, else from Shrink of its teacher to ``shape``. Its budget
 is ``tokens`` (when > 0) or ``steps``; one step is batch_size * microbatches * seq_len tokens.
+Its batch is per device (``per_device_batch_size``: 4 sequences of 2,048 tokens per device per
+microbatch, so one GPU and a v5e-256 pod run the file as written) or global (``batch_size``).
 The finished anchors bracket 100M-1.5B, so ``init_model.py --size=138m`` (or any size in that
 range) finds two adjacent anchors.
 """
@@ -33,9 +35,9 @@ def optimizer(lr: float, warmup_steps: int) -> mlc.ConfigDict:
 
 
 def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
-         tokens: int = 0, lr: float = 3e-4, warmup_steps: int = 200, batch_size: int = 32,
-         microbatches: int = 4, seq_len: int = 2048, dtype: str = "bfloat16",
-         remat: bool = True) -> mlc.ConfigDict:
+         tokens: int = 0, lr: float = 3e-4, warmup_steps: int = 200, batch_size: int = 0,
+         per_device_batch_size: float = 4.0, microbatches: int = 4, seq_len: int = 2048,
+         dtype: str = "bfloat16", remat: bool = True) -> mlc.ConfigDict:
   """One link of the chain: its anchor, budget, loss, bridge, optimiser, batch and numerics."""
   return mlc.ConfigDict(dict(
       name=name,
@@ -46,7 +48,8 @@ def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=4096),
       bridge="none",                   # Same tokenizer all along the chain.
       optimizer=optimizer(lr, warmup_steps),
-      batch_size=batch_size,           # Sequences per microbatch (global, all hosts).
+      batch_size=batch_size,           # Sequences per microbatch (global, all hosts), or
+      per_device_batch_size=per_device_batch_size,  # per device (0 = batch_size is given).
       microbatches=microbatches,       # Gradient accumulation.
       seq_len=seq_len,
       dtype=dtype, teacher_dtype="",   # Compute dtypes ("" = same as the student's).
@@ -99,8 +102,8 @@ def _smoke(c: mlc.ConfigDict) -> None:
       family="qwen2", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
       intermediate_size=128, tie_embeddings=True, max_position_embeddings=512,
       tokenizer_vocab=512, seed=0))
-  tiny = dict(batch_size=8, microbatches=2, seq_len=64, lr=3e-3, warmup_steps=2,
-              dtype="float32", remat=False)
+  tiny = dict(batch_size=8, per_device_batch_size=0.0, microbatches=2, seq_len=64, lr=3e-3,
+              warmup_steps=2, dtype="float32", remat=False)
   c.chain = (
       link("anchor1", shape=dict(NO_SHAPE, num_layers=3, hidden_size=48, intermediate_size=96),
            steps=8, **tiny),

@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       optimizer=dict(lr=2e-3, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1,
                      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0),
       batch_size=8, microbatches=1, seq_len=128,
+      per_device_batch_size=0.0,            # > 0: sequences per device, not batch_size.
       dtype="float32", teacher_dtype="", remat=False,
   ))
   c.chain = (link,)

@@ -225,7 +225,7 @@ def _smoke_error(tmp_path: Path, *overrides: str, spec="configs/qwen_chain.py:sm
     # Found before link 0 trains, though it is link 1's.
     (["chain[1].batch_size=3"],
      "config.chain[1] (anchor2): batch_size=3 must be a multiple of the mesh's data x fsdp = 8 "
-     "batch shards"),
+     "batch shards; or give per_device_batch_size instead"),
 ])
 def test_bad_values_stop_the_run_before_any_link_trains(tmp_path, overrides, expected):
   assert _smoke_error(tmp_path, *overrides) == expected

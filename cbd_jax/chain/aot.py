@@ -21,11 +21,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cbd_jax.chain.checks import check_batch, link_steps, resolve_batches
 from cbd_jax.checkpoints import hf_config
 from cbd_jax.distill import train_step
 from cbd_jax.model import decoder
 from cbd_jax.model.config import ModelConfig, num_params
-from cbd_jax.model.sharding import batch_sharding, make_mesh, parse_rules, tree_shardings
+from cbd_jax.model.sharding import (
+  batch_sharding,
+  data_parallel_size,
+  make_mesh,
+  padded_rows,
+  parse_rules,
+  tree_shardings,
+)
 
 GIB = 1024 ** 3
 # HBM per chip by the device kind the topology reports.
@@ -165,6 +173,7 @@ class LinkReport:
 
   link: str
   mesh: dict[str, int]
+  batch_size: int      # Sequences per microbatch, global (a per-device batch times the chips).
   tokens_per_chip: int
   params: int
   opt_state: int
@@ -224,21 +233,14 @@ def _flops(compiled) -> float:
 def compile_link(config, link, student: ModelConfig, teacher: ModelConfig, mesh,
                  with_eval: bool = True) -> LinkReport:
   """Compiles one link's train (and eval) step on ``mesh``; per-chip memory, FLOPs and fit."""
-  from cbd_jax.chain.checks import link_steps
-  from cbd_jax.model.sharding import data_parallel_size
-
   rules = parse_rules(config.get("sharding_rules"))
   dp = data_parallel_size(mesh)
-  for key, rows, fix in (("batch_size", link.batch_size, "--batch"),
-                         ("eval.batch_size", config.eval.batch_size, "--config.eval.batch_size")):
-    if rows % dp:
-      raise ValueError(f"link {link.name}: {key}={rows} must be a multiple of the mesh's "
-                       f"data x fsdp = {dp} batch shards (e.g. {fix}={dp})")
+  check_batch(link.batch_size, mesh, f"link {link.name}")
   optimizer, schedule = train_step.make_optimizer(total_steps=link_steps(link),
                                                   **dict(link.optimizer))
   loss = train_step.LossSettings(**dict(link.loss))
-  state, t_params, batch, eval_batch = abstract_inputs(link, student, teacher, optimizer, mesh,
-                                                       rules, int(config.eval.batch_size))
+  state, t_params, batch, eval_batch = abstract_inputs(
+      link, student, teacher, optimizer, mesh, rules, padded_rows(config.eval.batch_size, mesh))
   step = train_step.make_train_step(student, teacher, optimizer=optimizer, loss=loss, mesh=mesh,
                                     rules=rules, schedule=schedule)
   evaluate = train_step.make_eval_step(student, teacher, loss=loss, mesh=mesh, rules=rules)
@@ -253,7 +255,7 @@ def compile_link(config, link, student: ModelConfig, teacher: ModelConfig, mesh,
   model_flops = per_token * tokens * int(link.microbatches)
   pallas = bool(compiled) and "tpu_custom_call" in compiled.as_text()
   return LinkReport(
-      link=link.name, mesh=dict(mesh.shape),
+      link=link.name, mesh=dict(mesh.shape), batch_size=int(link.batch_size),
       tokens_per_chip=tokens,
       params=chip_bytes(state.params), opt_state=chip_bytes(state.opt_state),
       teacher=chip_bytes(t_params), temporaries=temporaries, total=total, hbm=hbm,
@@ -266,7 +268,7 @@ def compile_link(config, link, student: ModelConfig, teacher: ModelConfig, mesh,
 
 def suggestion(report: LinkReport, link) -> str:
   """One line: the first change likely to make a link fit (remat, smaller microbatch, mesh)."""
-  mesh, b, m = report.mesh, int(link.batch_size), int(link.microbatches)
+  mesh, b, m = report.mesh, report.batch_size, int(link.microbatches)
   per_chip = b // max(mesh.get("data", 1) * mesh.get("fsdp", 1), 1)
   if not link.get("remat"):
     return "turn on rematerialisation: --remat=true"
@@ -281,8 +283,10 @@ def suggestion(report: LinkReport, link) -> str:
 
 def compile_chain(config, topology: str, num_slices: int = 1, link: str = "",
                   with_eval: bool = True) -> list[LinkReport]:
-  """Compiles every link (or the one named ``link``) for ``num_slices`` slices of a topology."""
+  """Compiles every link (or the one named ``link``) for ``num_slices`` slices of a topology; a
+  per-device batch counts every chip of them."""
   devices = topology_devices(topology, num_slices)
+  config = resolve_batches(config, len(devices))
   mesh = make_mesh(dict(config.mesh), devices)
   models = link_models(config)
   if link:

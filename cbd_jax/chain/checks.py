@@ -4,11 +4,17 @@ Every fault is one ValueError line naming the field and the fix. `check_run` cov
 every driver shares (mesh, checkpoint, eval, log, ``stop_after``, export dtype); `check_link`
 one link's training fields (budget, batch, dtypes, loss, optimizer). The chain driver adds what
 needs the models' configs (shapes, tokenizer size, positions, batch divisibility) in
-`cbd_jax.chain.driver.preflight`, so a fault in link 3 stops the run before link 0 trains.
+`chain.driver.preflight`, so a fault in link 3 stops the run before link 0 trains.
+
+A link's batch is given globally (``batch_size``: sequences per microbatch, all hosts) or per
+device (``per_device_batch_size``, as MaxText counts it: sequences per device per microbatch,
+so a pod needs no arithmetic); `resolve_batches` turns the second into the first once the
+number of devices is known.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from typing import Any
@@ -77,11 +83,19 @@ def link_steps(link) -> int:
 
 def check_link(link, where: str) -> None:
   """One link's training fields: budget, batch, dtypes, loss and optimizer settings."""
-  for key in ("batch_size", "microbatches", "seq_len"):
+  per_device = link.get("per_device_batch_size") or 0
+  _at_least(per_device, 0, f"{where}: per_device_batch_size", " (0 = batch_size is global)")
+  if per_device and link.batch_size:
+    raise ValueError(f"{where}: batch_size={link.batch_size} and per_device_batch_size="
+                     f"{per_device} both set; give one (set the other to 0)")
+  for key in ("microbatches", "seq_len") + (() if per_device else ("batch_size",)):
     _at_least(link[key], 1, f"{where}: {key}")
   _at_least(link.get("tokens") or 0, 0, f"{where}: tokens", " (0 = use steps)")
   _at_least(link.get("steps") or 0, 0, f"{where}: steps")
-  link_steps(link)
+  if not per_device:  # Else the steps follow the devices (`resolve_batches`).
+    link_steps(link)
+  elif not (link.get("tokens") or link.get("steps")):
+    raise ValueError(f"link {link.name}: set steps > 0 or a token budget (tokens > 0)")
   _dtype(link.get("dtype"), f"{where}: dtype", empty_ok=False)
   _dtype(link.get("teacher_dtype"), f"{where}: teacher_dtype", empty_ok=True)
   loss = link.loss
@@ -101,10 +115,33 @@ def check_link(link, where: str) -> None:
     _at_least(opt.get(key) or 0, 0, f"{where}: optimizer.{key}")
 
 
-def check_batch(batch_size: int, eval_batch_size: int, mesh, where: str) -> None:
-  """Training and evaluation batches must split evenly over the mesh's batch shards."""
+def check_batch(batch_size: int, mesh, where: str) -> None:
+  """A training batch must split evenly over the mesh's batch shards (held-out batches are
+  padded to them with masked rows: `model.sharding.pad_rows`)."""
   shards = data_parallel_size(mesh)
-  for key, rows in (("batch_size", batch_size), ("eval.batch_size", eval_batch_size)):
-    if int(rows) % shards:
-      raise ValueError(f"{where}: {key}={rows} must be a multiple of the mesh's data x fsdp = "
-                       f"{shards} batch shards")
+  if int(batch_size) % shards:
+    raise ValueError(f"{where}: batch_size={batch_size} must be a multiple of the mesh's data x "
+                     f"fsdp = {shards} batch shards; or give per_device_batch_size instead")
+
+
+def resolve_batches(config, devices: int):
+  """``config`` with every link's batch global: a ``per_device_batch_size`` (when > 0) becomes
+  ``batch_size`` = per_device_batch_size x ``devices`` (and 0), as what ran is recorded; the
+  config itself when no link gives one. A product that is not whole is a one-line ValueError."""
+  def links(c):  # A chain's links, or a recovery config (its own one link).
+    return list(c.chain) if "chain" in c else [c]
+
+  if not any(link.get("per_device_batch_size") for link in links(config)):
+    return config
+  config = copy.deepcopy(config)
+  for link in links(config):
+    per_device = float(link.get("per_device_batch_size") or 0)
+    if not per_device:
+      continue
+    rows = per_device * devices
+    if rows != int(rows) or rows < 1:
+      raise ValueError(f"link {link.name}: per_device_batch_size={per_device:g} x {devices} "
+                       f"devices = {rows:g} sequences, not a whole number; give a per-device "
+                       "batch that makes one")
+    link.batch_size, link.per_device_batch_size = int(rows), 0
+  return config

@@ -78,7 +78,7 @@ def preflight(config, source_path: str, tokenizer_path: str) -> None:
   tokens = len(hf_io.load_tokenizer(tokenizer_path))
   for i, link in enumerate(config.chain):
     where = f"config.chain[{i}] ({link.name})"
-    checks.check_batch(link.batch_size, config.eval.batch_size, mesh, where)
+    checks.check_batch(link.batch_size, mesh, where)
     if is_bridged(link):
       return
     student = (hf_io.load_model_config(link.init) if link.get("init") and os.path.isdir(link.init)
@@ -277,6 +277,7 @@ def run_chain(config) -> dict[str, Any]:
   fingerprints); one run at a time holds the workdir (`guards.WorkdirLock`).
   """
   check_config(config)
+  config = checks.resolve_batches(config, jax.device_count())
   workdir = Path(os.path.expanduser(str(config.workdir)))
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"config.workdir={workdir} is a file; give a folder")

@@ -36,6 +36,7 @@ from cbd_jax.model.sharding import (
   global_batch,
   host_params,
   make_mesh,
+  pad_rows,
   parse_rules,
   sync,
   tree_shardings,
@@ -238,7 +239,7 @@ def _setup(strategy: LinkStrategy, s_config: ModelConfig, fresh):
   run, link = strategy.run, strategy.run.link
   student, steps = compute_config(s_config, link), link_steps(link)
   mesh = make_mesh(dict(run.config.mesh))
-  check_batch(link.batch_size, run.config.eval.batch_size, mesh, f"link {link.name}")
+  check_batch(link.batch_size, mesh, f"link {link.name}")
   rules = parse_rules(run.config.get("sharding_rules"))
   optimizer, schedule = optimizer_for(link, steps)
   teacher = compute_config(run.t_config, link, teacher=True) if run.t_config else None
@@ -315,10 +316,12 @@ def train_link(strategy: LinkStrategy, entry: dict[str, Any], on_start) -> dict[
 
 
 def held_out_sums(eval_step, batches, mesh, *args) -> dict[str, float]:
-  """The token sums of ``eval_step(*args, batch)`` over held-out batches, added up on the host."""
+  """The token sums of ``eval_step(*args, batch)`` over held-out batches, added up on the host
+  (each batch padded with masked rows to the mesh's batch shards: `pad_rows`)."""
   sums: dict[str, float] = defaultdict(float)
   for b in batches:
-    for key, value in jax.device_get(eval_step(*args, global_batch(mesh, b, 0))).items():
+    batch = global_batch(mesh, pad_rows(mesh, b), 0)
+    for key, value in jax.device_get(eval_step(*args, batch)).items():
       sums[key] += float(value)
   return dict(sums)
 

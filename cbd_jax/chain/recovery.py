@@ -140,6 +140,7 @@ def _load_state(workdir: Path, out: Path, config) -> dict[str, Any]:
 def train_target(config) -> dict[str, Any]:
   """Recovery-trains ``config.model`` (resuming if it can); returns the run's state entry."""
   check_config(config)
+  config = checks.resolve_batches(config, jax.device_count())
   _prepare_model(config)
   workdir, out = _paths(config)
   if workdir.exists() and not workdir.is_dir():

@@ -258,6 +258,28 @@ def global_batch(mesh, local: dict[str, np.ndarray], leading: int) -> dict[str, 
   return {k: one(v) for k, v in local.items()}
 
 
+def padded_rows(rows: int, mesh) -> int:
+  """``rows`` rounded up to a multiple of the mesh's batch shards (data x fsdp)."""
+  return -(-int(rows) // data_parallel_size(mesh)) * data_parallel_size(mesh)
+
+
+def pad_rows(mesh, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows [B / P, ...] of a held-out batch, with zero rows added so the global
+  batch splits over the mesh's batch shards (`padded_rows`). A zero row's mask (and pair mask)
+  is 0, so the batch's token sums do not change."""
+  rows = next(iter(local.values())).shape[0]
+  extra = (padded_rows(rows * jax.process_count(), mesh) - rows * jax.process_count())
+  if not extra:
+    return local
+  if extra % jax.process_count():
+    raise ValueError(f"a held-out batch of {rows * jax.process_count()} rows cannot be padded to "
+                     f"the mesh's {data_parallel_size(mesh)} batch shards evenly over "
+                     f"{jax.process_count()} processes; make eval.batch_size a multiple of "
+                     f"{data_parallel_size(mesh)}")
+  per = extra // jax.process_count()
+  return {k: np.concatenate([v, np.zeros((per,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
+
+
 def host_params(params: Any) -> Any:
   """Full numpy copies of (possibly multi-host sharded) arrays on every process."""
   if jax.process_count() == 1:
