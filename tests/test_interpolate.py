@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from random_params import random_params
 
+import cbd_jax
 from cbd_jax.evaluation import heldout
 from cbd_jax.interpolation import align, mixing, resize
 from cbd_jax.model import decoder, layout
@@ -30,7 +31,7 @@ def test_alpha_one_and_zero_return_the_anchors_exactly(family):
       jax.tree.map(np.testing.assert_array_equal, out, expect)
   # Aligned, the large endpoint is the large anchor with its units reordered: the same function.
   ids = np.random.default_rng(3).integers(0, 53, (2, 6))
-  out = mixing.interpolate((config, small), (config, large), config, 0.0)
+  out = cbd_jax.interpolate((config, small), (config, large), config, 0.0)  # The public name.
   np.testing.assert_allclose(decoder.forward(config, out, ids), decoder.forward(config, large, ids),
                              atol=1e-5, rtol=0)
   half = mixing.interpolate((config, small), (config, large), config, 0.25,
