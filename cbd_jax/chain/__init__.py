@@ -1,1 +1,1 @@
-"""The runs: the chain driver, the link driver and its kinds, recovery, guards, report."""
+"""The runs: the chain driver, the link driver and its strategies, recovery, guards, report."""

@@ -1,6 +1,6 @@
 """The step core shared by every training step (KD, vocabulary-bridged KD, plain LM).
 
-A step kind supplies only its loss: ``objective(params, extra, mb, totals) -> (value, sums)``,
+Each step supplies only its loss: ``objective(params, extra, mb, totals) -> (value, sums)``,
 where ``value`` is the microbatch's share of the batch objective (its sums divided by the whole
 batch's ``totals``) and ``sums`` a dict of gradient-free token sums. The core writes the rest
 once: gradients summed over microbatches with ``lax.scan`` under the parameters' sharding
