@@ -45,7 +45,8 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       shape=dict(shape, head_dim=64),
       # Shrink of the teacher (interpolation.prune): units ranked by activations on calib_tokens
       # of the link's training text, layers dropped by re-measured block influence.
-      shrink="activation", shrink_layers="greedy", calib_tokens=2048,
+      shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=True,
+      calib_tokens=8192,
       steps=0, tokens=tokens,
       # chunk_size: tokens per device per fused head-and-loss chunk; 256 runs this chain ~1.9x
       # faster on CPU than 2,048 (benchmarks/RESULTS.md); on a GPU or TPU chip use 4,096 or more.

@@ -9,7 +9,7 @@ import cbd_jax
 from cbd_jax import data
 from cbd_jax.checkpoints import assets, gguf_cache, hf_io
 from cbd_jax.evaluation import heldout
-from cbd_jax.interpolation import importance, prune
+from cbd_jax.interpolation import importance, prune, resize
 from cbd_jax.model import layout
 from cbd_jax.model.sharding import make_mesh, tree_shardings
 
@@ -129,3 +129,28 @@ def test_bad_shrink_settings_are_refused_in_one_line():
     prune.check_link(Link(shrink="activation", shrink_layers="best"), "link x")
   with pytest.raises(ValueError, match="calib_tokens=0"):
     prune.check_link(Link(calib_tokens=0), "link x")
+
+
+def test_refit_is_exact_when_the_cut_units_copy_kept_ones():
+  """FFN neuron 5 copies neuron 3 in every layer (both weak, so 5 is cut): the refitted down
+  weights make the cut model compute the full one's function."""
+  config = cbd_jax.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                               num_kv_heads=1, head_dim=8, intermediate_size=24)
+  params = jax.tree.map(np.array, cbd_jax.init_params(config, jax.random.key(1)))
+  mlp = params["layers"]["mlp"]
+  for leaf in ("gate", "up"):
+    mlp[leaf]["weight"][:, 3] *= 0.05
+    mlp[leaf]["weight"][:, 5] = mlp[leaf]["weight"][:, 3]
+  mlp["down"]["weight"][:, :, 5] *= 400.0  # What neuron 5 writes matters.
+  rows = _rows(64, n=32, t=17)
+  target = config.replace(intermediate_size=23)
+  scores = importance.activation_scores(config, params, rows)
+  for layer in range(2):  # The copies are the weakest; 5 ranks after 3 (a stable sort).
+    assert np.argsort(scores["F"][layer])[:2].tolist() == [3, 5]
+  ordered = prune.order_units(config, params, scores)
+  cut = resize.resize(config, ordered, target, layer_map=resize.one_hot_map([0, 1]))
+  refit = prune.refit_outputs(config, ordered, cut, target, np.arange(2), rows, ridge=1e-9)
+  ids = _rows(64, 2, 12, seed=5)
+  full = np.asarray(cbd_jax.forward(config, params, ids))
+  np.testing.assert_allclose(np.asarray(cbd_jax.forward(target, refit, ids)), full, atol=2e-4)
+  assert np.abs(np.asarray(cbd_jax.forward(target, cut, ids)) - full).max() > 1e-3

@@ -158,6 +158,7 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
   rows = calibration_rows() if method == "activation" or layers == "greedy" else None
   params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
                            rescale=bool(link.get("shrink_rescale", True)),
+                           refit=bool(link.get("shrink_refit", True)),
                            log=lambda line: log.info("link %s: %s", link.name, line))
   return target, jax.tree.map(np.asarray, params)
 

@@ -24,6 +24,7 @@ from cbd_jax.model import layout
 from cbd_jax.model.config import ModelConfig
 
 SHRINKS = ("activation", "weight_norm", "leading")
+MOMENT_BYTES = 2 ** 31  # Host memory for the second moments of the layers refitted at a time.
 LAYER_CHOICES = ("greedy", "even")
 
 
@@ -92,20 +93,24 @@ def refit_outputs(config: ModelConfig, ordered: dict, out: dict, target: ModelCo
       ("heads", "H", "attn", "o", config.num_heads, target.num_heads)) if kept < full}
   if not cut:
     return out
-  moments = importance.second_moments(config, ordered, rows, kept_layers, tuple(cut))
   out = jax.tree.map(np.array, out)
   hd = config.head_dim
-  for key, (kind, block, leaf) in cut.items():
-    units = maps[kind].src[:, 0]
-    cols = units if kind == "F" else (units[:, None] * hd + np.arange(hd)).reshape(-1)
-    full = np.asarray(ordered["layers"][block][leaf]["weight"], np.float64)
-    dest = out["layers"][block][leaf]["weight"]
-    for j, layer in enumerate(kept_layers):
-      w, c = full[layer].reshape(config.hidden_size, -1), moments[key][j]
-      kept = c[np.ix_(cols, cols)]
-      kept = kept + ridge * np.trace(kept) / len(cols) * np.eye(len(cols))
-      fitted = np.linalg.solve(kept, (w @ c[:, cols]).T).T[channels]
-      dest[j] = fitted.reshape(dest.shape[1:]).astype(dest.dtype)
+  width = max(config.intermediate_size, config.num_heads * hd)
+  per_chunk = max(1, int(MOMENT_BYTES // (8 * width * width)))  # Layers measured at a time.
+  for start in range(0, len(kept_layers), per_chunk):
+    layers = np.asarray(kept_layers[start:start + per_chunk])
+    moments = importance.second_moments(config, ordered, rows, layers, tuple(cut))
+    for key, (kind, block, leaf) in cut.items():
+      units = maps[kind].src[:, 0]
+      cols = units if kind == "F" else (units[:, None] * hd + np.arange(hd)).reshape(-1)
+      dest = out["layers"][block][leaf]["weight"]
+      for i, layer in enumerate(layers):
+        w = np.asarray(ordered["layers"][block][leaf]["weight"][layer], np.float64)
+        w, c = w.reshape(config.hidden_size, -1), moments[key][i]
+        kept = c[np.ix_(cols, cols)]
+        kept = kept + ridge * np.trace(kept) / len(cols) * np.eye(len(cols))
+        fitted = np.linalg.solve(kept, (w @ c[:, cols]).T).T[channels]
+        dest[start + i] = fitted.reshape(dest.shape[1:]).astype(dest.dtype)
   return out
 
 

@@ -75,6 +75,10 @@ def shape_at(small: ModelConfig, large: ModelConfig, layers: int, width: int,
   ratio = ratio_s + t * (large.intermediate_size / large.hidden_size - ratio_s)
   ffn = max(ffn_multiple, int(round(ratio * width / ffn_multiple)) * ffn_multiple)
   heads = width // small.head_dim
+  if any(a.num_heads * a.head_dim != a.hidden_size for a in (small, large)):
+    # Anchors whose attention is narrower than their residual stream: heads between theirs.
+    t_width = ts[-1] if large.hidden_size != small.hidden_size else t
+    heads = max(1, round(small.num_heads + t_width * (large.num_heads - small.num_heads)))
   config = small.replace(num_layers=layers, hidden_size=width, num_heads=heads,
                          num_kv_heads=_kv_heads(heads, small, large, t), intermediate_size=ffn)
   return config, t, distance
