@@ -36,8 +36,8 @@ def neuron_similarity(small, large, layer_s: int, layer_l: int) -> np.ndarray:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--small", default="runs/smollm2_chain/anchors/smollm2-30m")
-  p.add_argument("--large", default="runs/smollm2_chain/anchors/smollm2-70m")
+  p.add_argument("--small", default="runs/smollm2_chain/anchors/smollm2-34m")
+  p.add_argument("--large", default="runs/smollm2_chain/anchors/smollm2-80m")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   small, large = hf_io.load_hf_numpy(args.small), hf_io.load_hf_numpy(args.large)

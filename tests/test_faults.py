@@ -157,7 +157,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_taken
     tmp_path, caplog):
   workdir = tmp_path / "run"
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from cbd_jax import guards\n"
+      [sys.executable, "-c", "import sys, time; from cbd_jax.chain import guards\n"
        f"with guards.WorkdirLock({str(workdir)!r}):\n  print('held', flush=True); time.sleep(600)"],
       cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:

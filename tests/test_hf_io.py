@@ -424,3 +424,31 @@ def test_tokenizer_larger_than_the_vocabulary_is_reported(tmp_path, caplog):
   assert config.real_vocab_size is None
   assert (f"{tmp_path / 'm'}: the tokenizer has 70 tokens but the model only 64 embedding rows"
           in caplog.text)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_shape_transformers_refuses_is_refused_before_it_is_written(tmp_path, family):
+  """A Llama whose hidden size the heads do not divide (attention narrower than the stream):
+  transformers' own config refuses it, so save_hf must refuse it in one line, writing nothing;
+  Qwen2's config accepts the same shape, and the folder loads with the same logits."""
+  config = TINY.replace(family=family, hidden_size=40, num_heads=3, num_kv_heads=1)
+  params = jax.tree.map(np.array, cbd_jax.init_params(config, jax.random.key(0)))
+  hf_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+  try:
+    hf_class(hidden_size=40, num_attention_heads=3, num_key_value_heads=1, head_dim=16)
+    refused = False
+  except Exception:  # noqa: BLE001  (transformers' validator raises its own class)
+    refused = True
+  out = tmp_path / "m"
+  if refused:
+    _one_line_error(ValueError, lambda: cbd_jax.save_hf(config, params, out),
+                    "hidden_size 40 is not a multiple of num_heads 3")
+    assert not out.exists() and os.listdir(tmp_path) == []
+    return
+  cbd_jax.save_hf(config, params, out)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  ids = np.arange(12, dtype=np.int32)[None] % config.vocab_size
+  with torch.no_grad():
+    want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  got = np.asarray(cbd_jax.forward(config, params, ids))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

@@ -24,11 +24,10 @@ def train(process_index: int, process_count: int):
   import jax.numpy as jnp
 
   sys.path.insert(0, str(HERE))
-  from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params
+  from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params, optimizer
 
   from cbd_jax.distill.train_step import (
     make_init_state,
-    make_optimizer,
     make_train_step,
     place_params,
   )
@@ -36,7 +35,7 @@ def train(process_index: int, process_count: int):
   from cbd_jax.model.sharding import host_params as gather
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  opt, sched = make_optimizer(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1)
+  opt, sched = optimizer()
   state = make_init_state(STUDENT, opt, mesh)(host_params(STUDENT, 1))
   teacher = host_params(TEACHER, 2)
   teacher = place_params(teacher, tree_shardings(teacher, mesh), jnp.float32)

@@ -138,3 +138,22 @@ def test_paper_targets_resolve_between_adjacent_gpt2_anchors(size, pair, shape):
   assert target.head_dim == 64 and target.num_heads == target.num_kv_heads == shape[1] // 64
   assert target.intermediate_size == 4 * shape[1]
   assert abs(_allocated_count(target) - want) <= 0.03 * want
+
+
+def test_sizes_between_anchors_with_narrow_attention_are_shapes_transformers_builds():
+  """The default chain's anchors (22 x 576 with 6 heads of 64, 16 x 384 with 3): their attention
+  is narrower than their residual stream, so heads are searched apart from width; every resolved
+  size must be a config transformers' own LlamaConfig accepts, within 3%, heads between theirs."""
+  import transformers
+
+  large = SMOL.replace(num_layers=22, num_heads=6, num_kv_heads=2, intermediate_size=1024)
+  small = SMOL.replace(num_layers=16, hidden_size=384, num_heads=3, num_kv_heads=1,
+                       intermediate_size=640)
+  lo, hi = num_params(small), num_params(large)
+  for want in np.linspace(lo, hi, 9)[1:-1].astype(int):
+    c = sizing.resolve_size(int(want), small, large)
+    assert abs(num_params(c) - want) <= 0.03 * want
+    assert small.num_heads <= c.num_heads <= large.num_heads
+    transformers.LlamaConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_heads,
+                             num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                             intermediate_size=c.intermediate_size, vocab_size=c.vocab_size)

@@ -44,11 +44,16 @@ def _batches(seed, n, m, b, t, vocab=120):
   return out
 
 
+def optimizer():
+  """The optimizer of every run compared here (and in test_multihost). eps 1e-6, not Adam's 1e-8:
+  Qwen2's k bias gets gradients of about 1e-9 here (rounding-level), which eps 1e-8 would turn
+  into updates of a tenth of the learning rate whose size depends on the order of the sums
+  (sharded or not), not on the step being right."""
+  return make_optimizer(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1, eps=1e-6)
+
+
 def _run(mesh, batches, loss=LOSS, student=STUDENT, teacher=TEACHER):
-  # eps 1e-6, not Adam's 1e-8: Qwen2's k bias gets gradients of about 1e-9 here (rounding-level),
-  # which eps 1e-8 would turn into updates of a tenth of the learning rate whose size depends on
-  # the order of the sums (sharded or not), not on the step being right.
-  opt, sched = make_optimizer(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1, eps=1e-6)
+  opt, sched = optimizer()
   state = make_init_state(student, opt, mesh)(host_params(student, 1))
   t_params = host_params(teacher, 2)
   t_params = place_params(t_params, tree_shardings(t_params, mesh), jnp.dtype(teacher.dtype))

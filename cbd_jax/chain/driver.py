@@ -30,7 +30,7 @@ from cbd_jax.checkpoints import hf_io, manifest
 from cbd_jax.distill import hidden_bridge, teacher_cache
 from cbd_jax.distill.train_step import LossSettings, make_eval_step, make_train_step, place_params
 from cbd_jax.interpolation import prune
-from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.config import ModelConfig, export_refusal
 from cbd_jax.model.decoder import init_params
 from cbd_jax.model.sharding import make_mesh, sync, tree_shardings
 
@@ -86,6 +86,10 @@ def preflight(config, source_path: str, tokenizer_path: str) -> None:
     for role, model_config in (("teacher", teacher), ("student", student)):
       if model_config is not None:
         _check_model(model_config, tokens, link.seq_len, f"{where}: the {role}")
+    refusal = student is not None and export_refusal(student)
+    if refusal:
+      raise ValueError(f"{where}: the student's {refusal} (its anchor could not be loaded); "
+                       "pick a hidden_size that num_heads divides")
     teacher = student or teacher
 
 
@@ -158,7 +162,7 @@ def _start_student(link, teacher: ModelConfig, teacher_params, calibration_rows
   rows = calibration_rows() if method == "activation" or layers == "greedy" else None
   params, _ = prune.shrink(teacher, teacher_params, target, method, rows, layers,
                            rescale=bool(link.get("shrink_rescale", True)),
-                           refit=bool(link.get("shrink_refit", True)),
+                           refit=bool(link.get("shrink_refit", False)),
                            log=lambda line: log.info("link %s: %s", link.name, line))
   return target, jax.tree.map(np.asarray, params)
 

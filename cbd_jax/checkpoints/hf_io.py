@@ -32,7 +32,7 @@ from cbd_jax.checkpoints.safetensors_io import (
 )
 from cbd_jax.errors import one_line
 from cbd_jax.files import process_alive
-from cbd_jax.model.config import DTYPES, ModelConfig, check_dtype
+from cbd_jax.model.config import DTYPES, ModelConfig, check_dtype, export_refusal
 
 log = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
@@ -215,6 +215,10 @@ def save_hf(config: ModelConfig, params: dict, out_dir: str | os.PathLike, token
   tokenizer, or a path. Hidden folders of exports killed earlier beside it are removed.
   """
   out_dir = Path(out_dir)
+  refusal = export_refusal(config)
+  if refusal:
+    raise ValueError(f"cannot export to {out_dir}: {refusal}; choose a shape whose hidden_size "
+                     "num_heads divides")
   _check_destination(out_dir, overwrite)
   tensors = convert.to_hf_tensors(config, params)
   if dtype is not None:

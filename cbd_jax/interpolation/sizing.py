@@ -6,7 +6,7 @@ import math
 import re
 
 from cbd_jax.interpolation.resize import check_compatible
-from cbd_jax.model.config import ModelConfig, num_params
+from cbd_jax.model.config import ModelConfig, export_refusal, num_params
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -55,10 +55,17 @@ def _kv_heads(heads: int, small: ModelConfig, large: ModelConfig, t: float) -> i
   return _nearest_divisor(heads, heads / (gs + t * (gb - gs)))
 
 
+def _narrow_attention(small: ModelConfig, large: ModelConfig) -> bool:
+  """Whether either anchor's attention (heads x head_dim) is narrower than its residual stream."""
+  return any(a.num_heads * a.head_dim != a.hidden_size for a in (small, large))
+
+
 def shape_at(small: ModelConfig, large: ModelConfig, layers: int, width: int,
-             ffn_multiple: int = 128) -> tuple[ModelConfig, float, float]:
+             ffn_multiple: int = 128, heads: int | None = None) -> tuple[ModelConfig, float, float]:
   """(config, t, distance): the shape with this depth and width; t is its position between the
-  anchors (0 = small, 1 = large), distance its offset from the line in normalised coordinates."""
+  anchors (0 = small, 1 = large), distance its offset from the line in normalised coordinates.
+  ``heads`` defaults to width / head_dim, or, for anchors whose attention is narrower than their
+  residual stream, to the heads interpolated between theirs."""
   for anchor in (small, large):
     if (layers, width) == (anchor.num_layers, anchor.hidden_size):
       t = 0.0 if anchor is small else 1.0
@@ -74,11 +81,10 @@ def shape_at(small: ModelConfig, large: ModelConfig, layers: int, width: int,
   ratio_s = small.intermediate_size / small.hidden_size
   ratio = ratio_s + t * (large.intermediate_size / large.hidden_size - ratio_s)
   ffn = max(ffn_multiple, int(round(ratio * width / ffn_multiple)) * ffn_multiple)
-  heads = width // small.head_dim
-  if any(a.num_heads * a.head_dim != a.hidden_size for a in (small, large)):
-    # Anchors whose attention is narrower than their residual stream: heads between theirs.
+  if heads is None and _narrow_attention(small, large):
     t_width = ts[-1] if large.hidden_size != small.hidden_size else t
     heads = max(1, round(small.num_heads + t_width * (large.num_heads - small.num_heads)))
+  heads = heads or width // small.head_dim
   config = small.replace(num_layers=layers, hidden_size=width, num_heads=heads,
                          num_kv_heads=_kv_heads(heads, small, large, t), intermediate_size=ffn)
   return config, t, distance
@@ -89,9 +95,10 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
   """The config of ``size`` params between two anchors (either order) of one family.
 
   Candidates: every depth between the anchors' and every width that is a multiple of
-  ``width_multiple`` (default head_dim; heads = width / head_dim) between theirs; FFN width from
-  the anchors' FFN/width ratio, interpolated, in multiples of ``ffn_multiple``; kv heads divide
-  the heads (the anchors' group size when they share one: widths whose heads it does not divide
+  ``width_multiple`` (default head_dim; heads = width / head_dim, or every head count between the
+  anchors' when their attention is narrower than their residual stream) between theirs; FFN width
+  from the anchors' FFN/width ratio, interpolated, in multiples of ``ffn_multiple``; kv heads
+  divide the heads (the anchors' group size when they share one: head counts it does not divide
   are tried only when no other candidate fits). Among candidates within ``tol`` of the requested
   count, the one minimising (distance from the line + relative count error) wins.
   """
@@ -111,20 +118,26 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
     raise ValueError(f"width_multiple {multiple} is not a multiple of head_dim "
                      f"{small.head_dim}; widths must hold whole heads")
   lo_w, hi_w = sorted((small.hidden_size, large.hidden_size))
+  narrow = _narrow_attention(small, large)
   lo_l, hi_l = sorted((small.num_layers, large.num_layers))
   widths = sorted({lo_w, hi_w, *range(math.ceil(lo_w / multiple) * multiple, hi_w + 1, multiple)})
   group = small.num_heads // small.num_kv_heads
   shared_group = group == large.num_heads // large.num_kv_heads
+  lo_h, hi_h = sorted((small.num_heads, large.num_heads))
   best = None
-  for strict in (True, False):  # First only widths whose heads split into the shared group size.
+  for strict in (True, False):  # First only heads that split into the shared group size.
     for layers in range(lo_l, hi_l + 1):
       for width in widths:
-        if strict and shared_group and (width // small.head_dim) % group:
-          continue
-        config, _, distance = shape_at(small, large, layers, width, ffn_multiple)
-        error = abs(num_params(config) - want) / want
-        if error <= tol and (best is None or distance + error < best[0]):
-          best = (distance + error, config)
+        # Attention narrower than the residual stream: every head count between the anchors'.
+        for heads in range(lo_h, hi_h + 1) if narrow else (width // small.head_dim,):
+          if strict and shared_group and heads % group:
+            continue
+          config, _, distance = shape_at(small, large, layers, width, ffn_multiple, heads)
+          if export_refusal(config):
+            continue
+          error = abs(num_params(config) - want) / want
+          if error <= tol and (best is None or distance + error < best[0]):
+            best = (distance + error, config)
     if best is not None:
       break
   if best is None:

@@ -103,6 +103,16 @@ class ModelConfig:
     return cls(**d)
 
 
+def export_refusal(config: ModelConfig) -> str | None:
+  """Why ``transformers`` would refuse to build this config, or None. Llama's config demands a
+  hidden size that is a multiple of the heads even when head_dim is given (Qwen2 and Qwen3 do
+  not; GPT-2 derives head_dim from it)."""
+  if config.family == "llama" and config.hidden_size % config.num_heads:
+    return (f"hidden_size {config.hidden_size} is not a multiple of num_heads "
+            f"{config.num_heads}, which transformers' LlamaConfig refuses")
+  return None
+
+
 def num_params(config: ModelConfig) -> int:
   """Parameter count (embeddings included once when tied), computed from the shape alone."""
   d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
