@@ -138,3 +138,31 @@ def test_the_readme_layout_lists_the_layers_in_order():
       places.append((found.start(), entry))
   order = [entry for _, entry in places]
   assert order == [entry for _, entry in sorted(places)], order
+
+
+def _is_module(dotted: str) -> bool:
+  path = ROOT.joinpath(*dotted.split("."))
+  return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_every_import_of_the_package_names_a_module_of_this_tree():
+  """Launch scripts, configs, benchmarks and tests import only modules that exist here (an
+  editable install elsewhere could otherwise answer for a module this tree moved)."""
+  public = set(__import__("cbd_jax").__all__)
+  missing = []
+  for p in sorted(p for d in ("launch", "configs", "benchmarks", "tests")
+                  for p in (ROOT / d).rglob("*.py")):
+    for node in ast.walk(ast.parse(p.read_text(), str(p))):
+      if isinstance(node, ast.Import):
+        bad = [a.name for a in node.names
+               if a.name.startswith("cbd_jax.") and not _is_module(a.name)]
+      elif isinstance(node, ast.ImportFrom) and node.module == "cbd_jax" and not node.level:
+        bad = [f"cbd_jax.{a.name}" for a in node.names
+               if a.name not in public and not _is_module(f"cbd_jax.{a.name}")]
+      elif (isinstance(node, ast.ImportFrom) and not node.level
+            and (node.module or "").startswith("cbd_jax.")):
+        bad = [] if _is_module(node.module) else [node.module]
+      else:
+        bad = []
+      missing += [f"{p.relative_to(ROOT)}:{node.lineno} {name}" for name in bad]
+  assert not missing, missing
