@@ -36,5 +36,5 @@ setup(
         # Standard-task evaluation (launch/evaluate.py): lm-evaluation-harness, JAX backend.
         "eval": ["lm-eval==0.4.13"],
     },
-    package_data={"cbd_jax.lm_tasks": ["*.yaml"]},  # Local lm-eval tasks.
+    package_data={"cbd_jax.evaluation.lm_tasks": ["*.yaml"]},  # Local lm-eval tasks.
 )

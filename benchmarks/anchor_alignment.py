@@ -18,17 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cbd_jax import align, hf_io, resize
+from cbd_jax.checkpoints import hf_io
+from cbd_jax.interpolation import align
+from cbd_jax.model import layout
 
 RESULTS = Path(__file__).resolve().parent / "results" / "anchor_alignment.json"
 
 
 def neuron_similarity(small, large, layer_s: int, layer_l: int) -> np.ndarray:
   """[F_small, F_large] cosine similarity of the FFN neurons of two layers."""
-  (cs, ps), (cl, pl) = small, large
-  channels = min(cs.hidden_size, cl.hidden_size)
-  s = align._layer_slices(cs, resize.flatten(ps), layer_s, channels)["F"]
-  return align._features(s, align._layer_slices(cl, resize.flatten(pl), layer_l, channels)["F"])
+  (small_config, small_params), (large_config, large_params) = small, large
+  channels = min(small_config.hidden_size, large_config.hidden_size)
+  s = align._layer_slices(small_config, layout.flatten(small_params), layer_s, channels)["F"]
+  l_ = align._layer_slices(large_config, layout.flatten(large_params), layer_l, channels)["F"]
+  return align._features(s, l_)
 
 
 def main(argv=None) -> dict:

@@ -93,13 +93,14 @@ def link_config(args, init: str):
 
 def zero_step(config, rows) -> tuple[float, float]:
   """(held-out perplexity of the link's student as it starts, seconds to make it)."""
-  from cbd_jax import chain, heldout, source
+  from cbd_jax.chain import driver, source
+  from cbd_jax.evaluation import heldout
 
   source_path, tokenizer_path = source.prepare_source(config)
-  kind = chain.make_kind(config, 0, Path(config.workdir), {"path": "anchors/x"}, source_path,
-                         tokenizer_path)
+  strategy = driver.make_strategy(config, 0, Path(config.workdir), {"path": "anchors/x"},
+                                  source_path, tokenizer_path)
   start = time.time()
-  s_config, params = kind.new_student()
+  s_config, params = strategy.new_student()
   seconds = time.time() - start
   return math.exp(min(heldout.mean_nll(s_config, params, rows), 50.0)), seconds
 
@@ -118,7 +119,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import cbd_jax
-  from cbd_jax import assets, baselines, chain, heldout, hf_io
+  from cbd_jax.chain import driver
+  from cbd_jax.checkpoints import assets, hf_io
+  from cbd_jax.evaluation import baselines, heldout
 
   inits = args.inits.split(",")
   results, teacher_ppl = {}, None
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
       print(f"teacher {config.source.path}: held-out ppl {teacher_ppl:.2f}", flush=True)
     ppl0, init_s = zero_step(config, text.rows)
     start = time.time()
-    doc = chain.run_chain(config)
+    doc = driver.run_chain(config)
     train_s = time.time() - start
     entry = doc["anchors"][0]
     s_config, params = cbd_jax.load_hf(str(Path(config.workdir) / entry["path"]))

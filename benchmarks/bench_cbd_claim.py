@@ -78,7 +78,7 @@ def _default_config(arg: str = ""):
 
 def build_chain(workdir: Path, preset: Preset) -> None:
   """The embedded default chain (configs/default.py), with the preset's budgets if it has any."""
-  from cbd_jax import chain
+  from cbd_jax.chain import driver
 
   config = _default_config()
   config.workdir = str(workdir)
@@ -92,12 +92,13 @@ def build_chain(workdir: Path, preset: Preset) -> None:
     link.dtype = preset.dtype
   config.checkpoint.every = 10**9
   config.log.every = 10 if not preset.chain_batch else 50
-  chain.run_chain(config)
+  driver.run_chain(config)
 
 
 def load_models(chain_dir: Path, size: str):
   """(source, small, large, target config, manifest, shrink method) of a finished chain."""
-  from cbd_jax import gguf_cache, hf_io, sizing, target
+  from cbd_jax.checkpoints import gguf_cache, hf_io
+  from cbd_jax.interpolation import sizing, target
 
   doc = json.loads((chain_dir / "chain.json").read_text())
   small_path, large_path = target.pick_anchors(chain_dir, size)
@@ -118,8 +119,8 @@ def initialisations(source, small, large, target_config, shrink_method: str, cal
   import jax
   import numpy as np
 
-  from cbd_jax import calibrate, resize
-  from cbd_jax import source as source_mod
+  from cbd_jax.chain import source as source_mod
+  from cbd_jax.interpolation import calibrate, resize
 
   cbd, _ = calibrate.make_target(small, large, target_config, calibrate.Recipe(), calib_rows)
   grown = resize.grow(small[0], small[1], target_config, method="zero", depth="zero")
@@ -133,7 +134,7 @@ def zero_step_variants(small, large, target_config, calib_rows, evaluate) -> dic
   """Held-out loss at 0 tokens of other recipes (no training, no teacher): the paper's plain
   formula, and the default without unit alignment or without residual gains; ``calib_rows`` is
   training text."""
-  from cbd_jax import calibrate
+  from cbd_jax.interpolation import calibrate
 
   recipes = {"paper's formula": calibrate.Recipe(method="paper"),
              "no unit alignment": calibrate.Recipe(align_units=False),
@@ -157,12 +158,10 @@ def run(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from cbd_jax import data, heldout, hf_io
-  from cbd_jax.chain import global_batch
-  from cbd_jax.config import num_params
-  from cbd_jax.lm_step import make_lm_step
-  from cbd_jax.sharding import make_mesh, tree_shardings
-  from cbd_jax.train_step import (
+  from cbd_jax import data
+  from cbd_jax.checkpoints import hf_io
+  from cbd_jax.distill.lm_step import make_lm_step
+  from cbd_jax.distill.train_step import (
     LossSettings,
     init_train_state,
     make_optimizer,
@@ -170,6 +169,9 @@ def run(args) -> dict:
     place_params,
     state_shardings,
   )
+  from cbd_jax.evaluation import heldout
+  from cbd_jax.model.config import num_params
+  from cbd_jax.model.sharding import global_batch, make_mesh, tree_shardings
 
   preset = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in dict(
       size=args.size, tokens=args.tokens, eval_tokens=args.eval_tokens).items() if v})
@@ -248,7 +250,7 @@ def run(args) -> dict:
 
 def _summary(preset, doc, source, small, large, target_config, paths, curves, seconds, budget,
              chain_seconds, args) -> dict:
-  from cbd_jax.config import num_params
+  from cbd_jax.model.config import num_params
 
   build = chain_teacher_flops(doc)
   on_target = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 0, "f": 2 * num_params(source[0]) * budget}

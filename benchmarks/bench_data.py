@@ -1,7 +1,7 @@
 """Data at pod scale: parallel sharded tokenisation and O(1) resume of a streamed source.
 
 Builds a corpus of ``--corpus_mb`` MB under ``--dir`` by repeating the offline training and
-held-out text (``cbd_jax.assets``), then measures, with the SmolLM2 tokenizer:
+held-out text (``cbd_jax.checkpoints.assets``), then measures, with the SmolLM2 tokenizer:
   tokenise: ``data.load_tokens`` (worker processes into memory-mapped shards): wall time, tokens/s
     per core, peak RSS of the process tree (sampled every 0.2 s); the old in-memory tokeniser
     (one process, a list of arrays concatenated) on a ``--old_mb`` MB prefix as the baseline,
@@ -85,7 +85,7 @@ class PeakRSS:
 
 def build_corpus(folder: Path, mb: int) -> Path:
   """A text file of at least ``mb`` MB: the offline text repeated (one document per line)."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   path = folder / f"corpus_{mb}mb.txt"
   if path.exists() and path.stat().st_size >= mb << 20:
@@ -112,11 +112,12 @@ def prefix_file(path: Path, mb: int, suffix: str = ".txt") -> Path:
 def old_load_tokens(source: str, tokenizer) -> np.ndarray:
   """The previous in-memory tokeniser: every batch's ids kept, then concatenated."""
   from cbd_jax import data
+  from cbd_jax.data import documents
 
   ds = data.load_documents(source)
   chunks = []
-  for texts in data._documents(ds, "text"):
-    ids = data._encode(tokenizer, texts)
+  for texts in documents.iter_documents(ds, "text"):
+    ids = documents.encode(tokenizer, texts)
     if ids:
       chunks.append(np.fromiter((t for x in ids for t in x), np.uint32))
   return np.concatenate(chunks)
@@ -273,7 +274,7 @@ def main():
   args = parser.parse_args()
   Path(args.dir).mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("HF_DATASETS_CACHE", str(Path(args.dir) / "hf_datasets"))
-  from cbd_jax import assets, hf_io
+  from cbd_jax.checkpoints import assets, hf_io
 
   converted = sorted((assets.cache_dir() / "converted").glob("SmolLM2*/tokenizer.json"))
   default = converted[0].parent if converted else assets.smollm2_gguf()  # GGUF: slower to load.

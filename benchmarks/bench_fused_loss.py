@@ -5,7 +5,7 @@
 
 Every variant computes sum_t KL(p_t || q_t) with p, q from hidden [1, tokens, D] @ head^T [D, V]
 and its gradient w.r.t. the student's hidden states and head. Variants: ``naive`` (whole logits)
-and ``fused`` (``cbd_jax.fused_loss``; ``fused:512`` picks a chunk size).
+and ``fused`` (``cbd_jax.distill.fused_loss``; ``fused:512`` picks a chunk size).
 
 Memory: each variant runs once in its own subprocess (same shapes, same inputs), reporting
   - XLA's compiled memory analysis: temp + output bytes (what the step allocates beyond its
@@ -80,7 +80,7 @@ def _step(variant: str, args):
   import jax
   import jax.numpy as jnp
 
-  from cbd_jax import fused_loss, losses
+  from cbd_jax.distill import fused_loss, losses
 
   name, _, chunk = variant.partition(":")
   if name == "naive":

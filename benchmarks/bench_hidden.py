@@ -59,14 +59,14 @@ def _sums(config, t_config, params, t_params, ids_NxT, row_mask_N):
   """(sum CE of the anchor, sum KL(teacher || anchor)) over the rows' predicted tokens."""
   import jax.numpy as jnp
 
-  from cbd_jax import model
-  from cbd_jax.fused_loss import fused_cross_entropy, fused_kd_loss
+  from cbd_jax.distill.fused_loss import fused_cross_entropy, fused_kd_loss
+  from cbd_jax.model import decoder
 
   inputs = ids_NxT[:, :-1]
-  hidden, _ = model.apply_hidden(config, params, inputs)
-  t_hidden, _ = model.apply_hidden(t_config, t_params, inputs)
+  hidden, _ = decoder.apply_hidden(config, params, inputs)
+  t_hidden, _ = decoder.apply_hidden(t_config, t_params, inputs)
   mask = jnp.broadcast_to(row_mask_N[:, None], hidden.shape[:2]).astype(jnp.float32)
-  head, t_head = model.head_weight(config, params), model.head_weight(t_config, t_params)
+  head, t_head = decoder.head_weight(config, params), decoder.head_weight(t_config, t_params)
   rows = min(head.shape[0], t_head.shape[0])
   v = min(config.vocab_limit, t_config.vocab_limit)
   ce, _ = fused_cross_entropy(hidden, head, ids_NxT[:, 1:], mask, vocab_limit=config.vocab_limit,
@@ -104,7 +104,8 @@ def heldout_scores(model_pair, source_pair, rows, batch_size: int = 8) -> dict:
 
 
 def run(args) -> dict:
-  from cbd_jax import assets, heldout, hf_io, manifest
+  from cbd_jax.checkpoints import assets, hf_io, manifest
+  from cbd_jax.evaluation import heldout
 
   chains = [Path(c) for c in args.chains]
   docs = {c: manifest.read(c) for c in chains}

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbd_jax import assets, calibrate, hf_io, importance, interpolate, model, resize, sizing
-from cbd_jax.config import num_params
+from cbd_jax.checkpoints import assets, hf_io
+from cbd_jax.interpolation import calibrate, importance, mixing, resize, sizing
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import num_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "interpolation.json"
 
@@ -55,7 +57,7 @@ def finetune(config, params, rows, batch: int, lr: float):
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
   def loss_fn(p, ids):
-    logits = model.forward(config, p, ids[:, :-1])[..., :config.vocab_limit]
+    logits = decoder.forward(config, p, ids[:, :-1])[..., :config.vocab_limit]
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   @jax.jit
@@ -107,8 +109,8 @@ def main(argv=None) -> dict:
   # Anchors, chain-style: teacher -> large -> small, each dropping the layers that change the
   # residual stream least (block influence on training rows), then fine-tuned. Widths are kept:
   # dropping channels, heads or neurons costs far more healing than a CPU benchmark can run.
-  large_cfg = teacher_cfg.replace(num_layers=args.large_layers)
-  small_cfg = teacher_cfg.replace(num_layers=args.small_layers)
+  large_config = teacher_cfg.replace(num_layers=args.large_layers)
+  small_config = teacher_cfg.replace(num_layers=args.small_layers)
   key = (f"L{args.large_layers}-S{args.small_layers}-steps{args.steps}-b{args.batch}-"
          f"t{args.seq_len}-lr{args.lr}")
   cache = assets.cache_dir() / "bench_interpolation" / f"{key}.npz"
@@ -116,77 +118,79 @@ def main(argv=None) -> dict:
     saved = np.load(cache)
     large, small = ({k[2:]: saved[k] for k in saved.files if k.startswith(f"{r}/")}
                     for r in ("L", "S"))
-    large, small = resize.unflatten(large), resize.unflatten(small)
+    large, small = layout.unflatten(large), layout.unflatten(small)
     large_losses, small_losses = saved["losses_L"].tolist(), saved["losses_S"].tolist()
     lap(f"anchors loaded from {cache}")
   else:
     calib = train[:2]
-    large0 = resize.shrink(teacher_cfg, teacher, large_cfg,
+    large0 = resize.shrink(teacher_cfg, teacher, large_config,
                            layer_select=importance.block_influence(teacher_cfg, teacher, calib))
-    large, large_losses = finetune(large_cfg, large0, train[:n_train // 2], args.batch, args.lr)
+    large, large_losses = finetune(large_config, large0, train[:n_train // 2], args.batch, args.lr)
     lap("large anchor: shrink + fine-tune")
-    small0 = resize.shrink(large_cfg, large, small_cfg,
-                           layer_select=importance.block_influence(large_cfg, large, calib))
-    small, small_losses = finetune(small_cfg, small0, train[n_train // 2:], args.batch, args.lr)
+    small0 = resize.shrink(large_config, large, small_config,
+                           layer_select=importance.block_influence(large_config, large, calib))
+    small, small_losses = finetune(small_config, small0, train[n_train // 2:], args.batch, args.lr)
     lap("small anchor: shrink + fine-tune")
     cache.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"{r}/{k}": v for r, tree in (("L", large), ("S", small))
-              for k, v in resize.flatten(tree).items()}
+              for k, v in layout.flatten(tree).items()}
     with open(cache.with_suffix(".part"), "wb") as f:
       np.savez(f, losses_L=large_losses, losses_S=small_losses, **arrays)
     cache.with_suffix(".part").rename(cache)
-  target_size = (num_params(small_cfg) + num_params(large_cfg)) // 2
-  target_cfg = sizing.resolve_size(target_size, small_cfg, large_cfg)
-  s_anchor, l_anchor = (small_cfg, small), (large_cfg, large)
+  target_size = (num_params(small_config) + num_params(large_config)) // 2
+  target_cfg = sizing.resolve_size(target_size, small_config, large_config)
+  s_anchor, l_anchor = (small_config, small), (large_config, large)
 
   def ppl(config, params, rows=heldout):
-    return math.exp(interpolate.heldout_loss(config, params, rows))
+    return math.exp(heldout.mean_nll(config, params, rows))
 
   rows = {"teacher (SmolLM2-135M, for reference)": ppl(teacher_cfg, teacher),
-          "large anchor itself": ppl(large_cfg, large),
-          "small anchor itself": ppl(small_cfg, small)}
+          "large anchor itself": ppl(large_config, large),
+          "small anchor itself": ppl(small_config, small)}
   del teacher
   lap("anchors evaluated")
-  alpha0 = interpolate.default_alpha(small_cfg, large_cfg, target_cfg)
-  rows["target: random init"] = ppl(target_cfg, model.init_params(target_cfg,
-                                                                  jax.random.PRNGKey(0)))
+  alpha0 = mixing.default_alpha(small_config, large_config, target_cfg)
+  rows["target: random init"] = ppl(target_cfg, decoder.init_params(target_cfg,
+                                                                    jax.random.PRNGKey(0)))
   rows["target: Grow(small) alone (identity layers: the small anchor's function)"] = ppl(
-      target_cfg, resize.grow(small_cfg, small, target_cfg))
+      target_cfg, resize.grow(small_config, small, target_cfg))
   rows["target: Shrink(large) alone (evenly spaced layers)"] = ppl(
-      target_cfg, resize.shrink(large_cfg, large, target_cfg))
-  bi_large = importance.block_influence(large_cfg, large, select)  # Teacher-free, on Wikipedia.
+      target_cfg, resize.shrink(large_config, large, target_cfg))
+  bi_large = importance.block_influence(large_config, large, select)  # Teacher-free, on Wikipedia.
   rows["target: Shrink(large) alone (layers by block influence on Wikipedia)"] = ppl(
-      target_cfg, resize.shrink(large_cfg, large, target_cfg, layer_select=bi_large))
+      target_cfg, resize.shrink(large_config, large, target_cfg, layer_select=bi_large))
   rows[f"target: interpolation, alpha={alpha0:.2f} (default), zero layers, no alignment"] = (
-      ppl(target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, "plain",
-                                              align_layers=False)))
-  variants = {"zero layers": dict(depth="zero", rule="plain"),
+      ppl(target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha0, "plain",
+                                         align_layers=False)))
+  variants = {"zero layers": dict(depth="zero", mix="plain"),
               "zero layers, extra layers by block influence": dict(
-                  depth="zero", rule="plain", large_layer_scores=bi_large),
-              "identity layers": dict(depth="identity", rule="plain"),
-              "zero layers + renormalize": dict(depth="zero", rule="whole"),
-              "zero layers, output mix": dict(depth="zero", rule="output")}
+                  depth="zero", mix="plain", large_layer_scores=bi_large),
+              "identity layers": dict(depth="identity", mix="plain"),
+              "zero layers + renormalize": dict(depth="zero", mix="whole"),
+              "zero layers, output mix": dict(depth="zero", mix="output")}
   for name, kw in variants.items():
     rows[f"target: interpolation, alpha={alpha0:.2f} (default), aligned, {name}"] = ppl(
-        target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha0, **kw))
+        target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha0, **kw))
   lap("baselines and default-alpha interpolation evaluated")
   swept = ("zero layers", "zero layers, extra layers by block influence")
-  sweeps = {name: interpolate.sweep_alpha(s_anchor, l_anchor, target_cfg, select,
-                                          alphas=(0.0, 0.25, 0.5, 0.75, 1.0), **variants[name])
-            for name in swept}
+  def sweep(mix, **view_kw):
+    views = mixing.anchor_views(s_anchor, l_anchor, target_cfg, **view_kw)
+    return mixing.choose_alpha(target_cfg, views, mix, select, refinements=0)
+
+  sweeps = {name: sweep(**variants[name]) for name in swept}
   chosen = min(sweeps, key=lambda n: sweeps[n][1][sweeps[n][0]])
   alpha_sel = sweeps[chosen][0]
   rows[f"target: interpolation, alpha={alpha_sel:.2f} and '{chosen}' chosen on Wikipedia"] = ppl(
-      target_cfg, interpolate.interpolate(s_anchor, l_anchor, target_cfg, alpha_sel,
-                                          **variants[chosen]))
+      target_cfg, mixing.interpolate(s_anchor, l_anchor, target_cfg, alpha_sel,
+                                     **variants[chosen]))
   default, info = calibrate.make_target(s_anchor, l_anchor, target_cfg, calibrate.Recipe(), select,
                                         log=lambda _: None)
   rows[f"target: init_model's default (calibrated on Wikipedia: alpha={info['alpha']:.2f}, "
        f"{info['layer_choice']} layers)"] = ppl(target_cfg, default)
   lap("alpha and variant chosen on Wikipedia, evaluated on news")
 
-  print(f"\nanchors: small {sizing.describe(small_cfg)}\n         large "
-        f"{sizing.describe(large_cfg)}\ntarget:  {sizing.describe(target_cfg)}")
+  print(f"\nanchors: small {sizing.describe(small_config)}\n         large "
+        f"{sizing.describe(large_config)}\ntarget:  {sizing.describe(target_cfg)}")
   print(f"fine-tuning ({args.steps} steps x {args.batch} x {args.seq_len} tokens each): large "
         f"{large_losses[0]:.2f} -> {large_losses[-1]:.2f}, small {small_losses[0]:.2f} -> "
         f"{small_losses[-1]:.2f} nats")
@@ -200,9 +204,9 @@ def main(argv=None) -> dict:
   result = {"perplexity": rows, "default_alpha": alpha0, "selected": {"alpha": alpha_sel,
                                                                       "method": chosen},
             "selection_losses": {n: s[1] for n, s in sweeps.items()},
-            "anchors": {"small": small_cfg.to_dict(), "large": large_cfg.to_dict()},
+            "anchors": {"small": small_config.to_dict(), "large": large_config.to_dict()},
             "target": target_cfg.to_dict(), "num_params": {
-                "small": num_params(small_cfg), "large": num_params(large_cfg),
+                "small": num_params(small_config), "large": num_params(large_config),
                 "target": num_params(target_cfg)},
             "finetune_losses": {"large": large_losses, "small": small_losses},
             "args": vars(args), "heldout_tokens": int(heldout.size - len(heldout)),

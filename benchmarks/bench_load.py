@@ -20,10 +20,10 @@ import jax
 import numpy as np
 
 import cbd_jax
-from cbd_jax.config import ModelConfig, num_params
-from cbd_jax.convert import to_hf_tensors
-from cbd_jax.hf_config import to_hf_config
-from cbd_jax.safetensors_io import write_safetensors
+from cbd_jax.checkpoints.convert import to_hf_tensors
+from cbd_jax.checkpoints.hf_config import to_hf_config
+from cbd_jax.checkpoints.safetensors_io import write_safetensors
+from cbd_jax.model.config import ModelConfig, num_params
 
 QWEN2_0_5B = ModelConfig(family="qwen2", vocab_size=151_936, hidden_size=896, num_layers=24,
                          num_heads=14, num_kv_heads=2, head_dim=64, intermediate_size=4864,

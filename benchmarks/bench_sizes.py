@@ -37,7 +37,7 @@ METHODS = ("cbd", "paper", "grow", "shrink", "random")
 
 def anchors_of(chain_dir: Path) -> list[tuple[str, Path]]:
   """[(name, folder)] of the chain's finished anchors, smallest first."""
-  from cbd_jax import manifest
+  from cbd_jax.checkpoints import manifest
 
   done = sorted(manifest.done_anchors(manifest.read(chain_dir)), key=lambda a: a["num_params"])
   return [(a["name"], chain_dir / a["path"]) for a in done]
@@ -45,8 +45,8 @@ def anchors_of(chain_dir: Path) -> list[tuple[str, Path]]:
 
 def grid(small_cfg, large_cfg, points: int) -> list:
   """Target configs at ``points`` sizes evenly spaced strictly between the anchors (distinct)."""
-  from cbd_jax import sizing
-  from cbd_jax.config import num_params
+  from cbd_jax.interpolation import sizing
+  from cbd_jax.model.config import num_params
 
   p_s, p_l = num_params(small_cfg), num_params(large_cfg)
   configs = {}
@@ -61,8 +61,8 @@ def initialisations(small, large, target, calib_rows, log) -> dict:
   import jax
   import numpy as np
 
-  from cbd_jax import calibrate, resize
-  from cbd_jax import source as source_mod
+  from cbd_jax.chain import source as source_mod
+  from cbd_jax.interpolation import calibrate, resize
 
   cbd, info = calibrate.make_target(small, large, target, calibrate.Recipe(), calib_rows, log)
   paper, _ = calibrate.make_target(small, large, target, calibrate.Recipe(method="paper"),
@@ -75,24 +75,27 @@ def initialisations(small, large, target, calib_rows, log) -> dict:
 
 
 def run(args) -> dict:
-  from cbd_jax import calib_data, heldout, hf_io, manifest, sizing
-  from cbd_jax.config import num_params
+  from cbd_jax.checkpoints import hf_io, manifest
+  from cbd_jax.data import calibration
+  from cbd_jax.evaluation import heldout
+  from cbd_jax.interpolation import sizing
+  from cbd_jax.model.config import num_params
 
   chain_dir = Path(args.chain)
   pairs = anchors_of(chain_dir)
   if len(pairs) < 2:
     raise SystemExit(f"{chain_dir}: fewer than two finished anchors; build the chain first")
-  calib_source = calib_data.of_chain(chain_dir, manifest.read(chain_dir), [pairs[0][0]])
+  calib_source = calibration.of_chain(chain_dir, manifest.read(chain_dir), [pairs[0][0]])
   if calib_source is None:
     raise SystemExit(f"{chain_dir}: the manifest records no training data; no calibration text")
   text = Path(args.text) if args.text else None
   if text is None:
-    from cbd_jax import assets
+    from cbd_jax.checkpoints import assets
     text = assets.english_text()["heldout"]
   tokenizer = hf_io.load_tokenizer(str(pairs[0][1]))
   rows = heldout.load_token_rows(tokenizer, text, args.eval_tokens, args.seq_len,
                                  args.skip_tokens)
-  calib = calib_data.load_rows(calib_source, tokenizer, args.calib_tokens)
+  calib = calibration.load_rows(calib_source, tokenizer, args.calib_tokens)
   ppl = lambda cfg, p: math.exp(min(heldout.mean_nll(cfg, p, rows), 50.0))  # noqa: E731
   models = {name: hf_io.load_hf_numpy(path) for name, path in pairs}
   anchors = [{"name": n, "num_params": num_params(models[n][0]), "ppl": ppl(*models[n]),

@@ -41,10 +41,10 @@ def _args():
 
 
 def _default_link0():
-  from cbd_jax import assets, gguf_cache, hf_io
+  from cbd_jax.checkpoints import assets, gguf_cache, hf_io
   from configs import default
 
-  teacher = hf_io.load_config(gguf_cache.hf_folder(str(assets.smollm2_gguf())))
+  teacher = hf_io.load_model_config(gguf_cache.hf_folder(str(assets.smollm2_gguf())))
   return default.get_config(""), teacher, teacher.replace(**default.ANCHOR_80M, head_dim=64)
 
 
@@ -52,10 +52,15 @@ def speed(args) -> dict:
   import jax
   import numpy as np
 
-  from cbd_jax import teacher_cache
-  from cbd_jax.sharding import make_mesh
-  from cbd_jax.source import init_host_params
-  from cbd_jax.train_step import LossSettings, make_init_state, make_optimizer, make_train_step
+  from cbd_jax.chain.source import init_host_params
+  from cbd_jax.distill import teacher_cache
+  from cbd_jax.distill.train_step import (
+    LossSettings,
+    make_init_state,
+    make_optimizer,
+    make_train_step,
+  )
+  from cbd_jax.model.sharding import make_mesh
 
   config, teacher, student = _default_link0()
   mesh, b, t = make_mesh({"data": -1}), 8, 128
@@ -92,7 +97,7 @@ def speed(args) -> dict:
 
 
 def quality(args) -> dict:
-  from cbd_jax import chain
+  from cbd_jax.chain import driver
 
   rows = {}
   for k in [0, *map(int, args.ks.split(","))]:
@@ -103,7 +108,7 @@ def quality(args) -> dict:
     config.chain[0].teacher_cache.k = k
     config.log.progress = False
     start = time.time()
-    entry = chain.run_chain(config)["anchors"][0]
+    entry = driver.run_chain(config)["anchors"][0]
     ev = entry["eval"]
     rows[name] = {"kl": ev["kl"], "ppl": ev["ppl"], "teacher_ppl": ev["teacher_ppl"],
                   "seconds_this_run": time.time() - start, "tokens": entry["tokens"]}

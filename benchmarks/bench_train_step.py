@@ -70,7 +70,7 @@ def _args():
 
 
 def cpu_shapes(vocab: int = 49152, shape: str = "small"):
-  from cbd_jax.config import ModelConfig
+  from cbd_jax.model.config import ModelConfig
 
   teacher = ModelConfig(family="qwen2", vocab_size=vocab, hidden_size=384, num_layers=6,
                         num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=1024,
@@ -86,7 +86,7 @@ def cpu_shapes(vocab: int = 49152, shape: str = "small"):
 
 def gpu_shapes(link: str = "0.5b"):
   """(student, teacher): Qwen2.5-0.5B from 1.5B ("0.5b") or Qwen2.5-1.5B from 7B ("1.5b")."""
-  from cbd_jax.config import ModelConfig
+  from cbd_jax.model.config import ModelConfig
 
   small = ModelConfig(family="qwen2", vocab_size=151936, real_vocab_size=151665,
                       hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
@@ -106,7 +106,7 @@ def _random_params(config, seed: int, shardings=None, dtype=None):
   import jax
   import jax.numpy as jnp
 
-  from cbd_jax.train_step import abstract_params
+  from cbd_jax.model.decoder import abstract_params
 
   shapes = abstract_params(config)
   dtype = dtype or jnp.float32
@@ -130,8 +130,7 @@ def _ours(student, teacher, batch, micro, seq, chunk, lr=1e-4):
   import jax.numpy as jnp
   import numpy as np
 
-  from cbd_jax.sharding import make_mesh, tree_shardings
-  from cbd_jax.train_step import (
+  from cbd_jax.distill.train_step import (
     LossSettings,
     abstract_params,
     init_train_state,
@@ -139,6 +138,7 @@ def _ours(student, teacher, batch, micro, seq, chunk, lr=1e-4):
     make_train_step,
     state_shardings,
   )
+  from cbd_jax.model.sharding import make_mesh, tree_shardings
 
   mesh = make_mesh({"data": -1})
   opt, _ = make_optimizer(lr, 1000, weight_decay=0.0, grad_clip=0.0, b2=0.999)
@@ -354,7 +354,7 @@ def cpu_main(args):
 
 
 def _flops_per_token(student, teacher, seq: int) -> float:
-  from cbd_jax.config import num_params
+  from cbd_jax.model.config import num_params
 
   def attn(c, factor):
     return factor * c.num_layers * c.num_heads * c.head_dim * seq

@@ -8,7 +8,7 @@
 #   second call, carrying .gpu_b:  bash benchmarks/claim_gpu.sh run "$OUT"
 #
 # "run" installs the few packages the GPU image lacks (wheels in .gpu_a/whl), puts the teacher and
-# the text where cbd_jax.assets looks ($CBD_CACHE), builds a small chain and compares the methods
+# the text where cbd_jax.checkpoints.assets looks ($CBD_CACHE), builds a small chain and compares the methods
 # (about 5 minutes on an H100/H200); it writes cbd_claim.json and cbd_claim.png to the folder given.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,8 +3,9 @@
 `run(main)` runs a command's ``main(args)``: a fault the user can fix (a bad path, a bad value, a
 full disk, a string passed to ``sys.exit``) prints ONE line on stderr, ``error: ...``, and exits
 with 2; Ctrl-C prints one line and exits with 130; a link stopped by a signal after saving its
-checkpoint (`cbd_jax.guards.Stopped`) prints one line and exits with 128 + the signal (143 for
-SIGTERM, 130 for SIGINT); any other exception prints one line naming its type and exits with 1.
+checkpoint (`chain.guards.Stopped`) prints one line and exits with 128 + the signal (143 for
+SIGTERM, 130 for SIGINT); any other exception prints one line naming its type and exits with 1
+(the lines are `cbd_jax.errors.one_line`).
 ``--debug`` (or ``CBD_DEBUG=1``) shows the full traceback instead.
 
 `load_config("configs/x.py:variant", ["chain[0].steps=100"])` loads an ``ml_collections`` config
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import errno
 import importlib.util
 import os
 import sys
@@ -26,38 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cbd_jax.errors import UsageError, one_line
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-_OS_FIXES = {
-    errno.ENOSPC: "free some space or choose a folder on another disk",
-    errno.EDQUOT: "free some space or choose a folder on another disk",
-    errno.EACCES: "check the permissions or choose a folder you can write to",
-    errno.EPERM: "check the permissions or choose a folder you can write to",
-    errno.EROFS: "the file system is read-only; choose a writable folder",
-    errno.ENOENT: "check the path",
-    errno.EEXIST: "choose another path or remove it",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-    errno.EISDIR: "the path is a folder; pass a file",
-}
-
-
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number",
           tuple: "a tuple such as '(1, 2)'"}
-
-
-class UsageError(ValueError):
-  """Bad input the user can fix; its message names the thing and the fix."""
-
-
-def one_line(e: BaseException) -> str:
-  """The message of ``e`` on one line; OS errors name the path, the cause and the fix."""
-  if isinstance(e, OSError) and e.errno in _OS_FIXES and e.strerror:
-    where = f"{e.filename}: " if e.filename else ""
-    text = f"{where}{e.strerror.lower()}; {_OS_FIXES[e.errno]}"
-  else:
-    text = str(e) or type(e).__name__
-    if isinstance(e, KeyError) and len(e.args) == 1:
-      text = str(e.args[0])
-  return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _user_fault(e: BaseException) -> bool:

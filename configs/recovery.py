@@ -21,7 +21,7 @@ VARIANTS = ("", "smoke")
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """Variants: "" (recovery of ``--config.model``, CPU-sized) or "smoke" (a tiny random model)."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   arg = arg or ""
   if arg not in VARIANTS:
@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                     min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95,
                                     eps=1e-8, grad_clip=1.0))
   c.batch_size, c.microbatches, c.seq_len = 8, 1, 128
+  c.per_device_batch_size = 0.0   # > 0: sequences per device per microbatch, instead of batch_size.
   c.dtype, c.teacher_dtype, c.remat = "float32", "", False
   c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -5,7 +5,7 @@ r"""A heterogeneous link: SmolLM2-135M (Llama, 49,152 tokens) -> a GPT-2 anchor 
   python launch/report.py --chain runs/smollm2_gpt2_vocab      # held-out ppl and bits per byte
 
 The student is a GPT-2-architecture model (learned positions, LayerNorm, GELU MLP, biases) with
-the real GPT-2 tokenizer (50,257 tokens, fetched by ``cbd_jax.assets``), started from random
+the real GPT-2 tokenizer (50,257 tokens, fetched by ``checkpoints.assets``), started from random
 weights: Shrink cannot cross families. The teacher's knowledge crosses the vocabulary gap either
 
 * ``vocab_bridge``: token-level KD through the vocabulary-projection bridge: teacher
@@ -34,7 +34,7 @@ NO_SHAPE = dict(num_layers=0, hidden_size=0, num_heads=0, num_kv_heads=0, interm
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   """Variants: "vocab_bridge" / "seqkd" (CPU-sized), their "_smoke" versions (seconds), and
   "smoke" (= "vocab_bridge_smoke")."""
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   arg = arg or "vocab_bridge"
   if arg not in VARIANTS:
@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       optimizer=dict(lr=2e-3, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1,
                      weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0),
       batch_size=8, microbatches=1, seq_len=128,
+      per_device_batch_size=0.0,            # > 0: sequences per device, not batch_size.
       dtype="float32", teacher_dtype="", remat=False,
   ))
   c.chain = (link,)

@@ -1,6 +1,6 @@
 r"""Compile a chain's train and eval steps for a TPU topology here, before launching on it.
 
-  python launch/aot_compile.py --config=configs/qwen_chain.py --topology=v5e-256 --batch=1024
+  python launch/aot_compile.py --config=configs/qwen_chain.py --topology=v5e:16x16
   python launch/aot_compile.py --config=configs/qwen_chain.py --topology=v5p:2x2x4 \
       --link=qwen2.5-0.5b --batch=16 --microbatches=1 --mesh=data=1,fsdp=-1,tensor=1
   python launch/aot_compile.py --config=configs/qwen_chain.py --topology=v5p-128 --num_slices=2
@@ -9,7 +9,10 @@ Runs on any machine with libtpu installed (``pip install -e ".[tpu]"``), no TPU 
 link the mesh, per-chip memory (params, optimizer state, teacher, XLA temporaries, total) against
 the chip's HBM, TFLOPs per step and whether it fits; exits 1 with a one-line suggestion when a
 link does not fit. ``--batch``, ``--microbatches``, ``--seq_len`` and ``--remat`` apply to every
-link (``--config.chain[i].FIELD=...`` sets one); ``--batch`` is sequences per microbatch, global.
+link (``--config.chain[i].FIELD=...`` sets one); ``--batch`` is sequences per microbatch, global
+(it replaces a link's ``per_device_batch_size``, which counts every chip of the topology). Held-out
+batches are padded with masked rows to the mesh's batch shards. Bad input is one line on stderr
+and exit status 2 (`cbd_jax.cli.run`).
 """
 
 import json
@@ -19,7 +22,7 @@ from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # Compile for TPU on the host; never try to open a TPU.
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +55,8 @@ def apply_flags(config) -> None:
                       (_REMAT, "remat")):
       if flag.value is not None:
         link[key] = flag.value
+    if _BATCH.value is not None and "per_device_batch_size" in link:
+      link.per_device_batch_size = 0
   if _MESH.value:
     config.mesh = parse_mesh(_MESH.value)
 
@@ -61,15 +66,11 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None or not _TOPOLOGY.value:
     sys.exit("error: give --config=CONFIG and --topology=NAME (e.g. --topology=v5e-256)")
-  from cbd_jax import aot
+  from cbd_jax.chain import aot
 
   config = _CONFIG.value
-  try:
-    apply_flags(config)
-    reports = aot.compile_chain(config, _TOPOLOGY.value, _SLICES.value, _LINK.value,
-                                _EVAL.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  apply_flags(config)
+  reports = aot.compile_chain(config, _TOPOLOGY.value, _SLICES.value, _LINK.value, _EVAL.value)
   slices = f" x {_SLICES.value} slices" if _SLICES.value > 1 else ""
   print(f"{_TOPOLOGY.value}{slices}: per-chip memory in GiB")
   print(aot.format_reports(reports))
@@ -82,9 +83,18 @@ def main(argv):
   for r in failed:
     print(f"link {r.link} does not fit ({r.error or 'total above HBM'}); try: "
           f"{aot.suggestion(r, links[r.link])}")
-  sys.exit(1 if failed else 0)
+  return 1 if failed else 0
+
+
+def _launch(args: list[str]) -> int:
+  """Checks the config file, overrides and flags (one-line errors), then runs `main`."""
+  from cbd_jax import cli
+
+  return main(cli.parse_absl_flags([sys.argv[0], *args]))
 
 
 if __name__ == "__main__":
   sys.path.insert(0, str(ROOT))
-  app.run(main)
+  from cbd_jax import cli
+
+  cli.run(_launch)

@@ -46,12 +46,12 @@ def main(argv=None) -> int:
   try:
     from lm_eval.utils import make_table
 
-    from cbd_jax import evaluation
+    from cbd_jax.evaluation import harness
   except ImportError as e:
     print(f"error: {e.name or e} is not installed; run pip install -e '.[eval]'", file=sys.stderr)
     return 2
   try:
-    results = evaluation.evaluate_model(
+    results = harness.evaluate_model(
         args.model, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
         include_path=args.include_path, batch_size=args.batch_size, output=args.output,
         max_length=args.max_length, dtype=args.dtype, fsdp=args.fsdp)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(make_table(results))
-  print(f"results: {args.output or evaluation.results_path(args.model)}")
+  print(f"results: {args.output or harness.results_path(args.model)}")
   return 0
 
 

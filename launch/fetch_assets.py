@@ -6,13 +6,14 @@ Usage: python launch/fetch_assets.py     (cache folder: $CBD_CACHE, default ~/.c
 import logging
 import sys
 
-from cbd_jax import assets, cli
+from cbd_jax import cli, errors
+from cbd_jax.checkpoints import assets
 
 
 def main(argv: list[str]) -> int:
   """Fetches every artefact and prints where each one lies."""
   if argv:
-    raise cli.UsageError(f"unexpected arguments {argv}; this command takes none (the cache "
+    raise errors.UsageError(f"unexpected arguments {argv}; this command takes none (the cache "
                          "folder is $CBD_CACHE)")
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   for name, path in assets.fetch_all().items():

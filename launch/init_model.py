@@ -93,11 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  from cbd_jax import calibrate, target
+  from cbd_jax.interpolation import calibrate, target
 
   try:
     recipe = calibrate.Recipe(
-        method=args.method, alpha=args.alpha, layers=args.layers, rule=args.mix,
+        method=args.method, alpha=args.alpha, layers=args.layers, mix=args.mix,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
         align_layers=not args.no_align_layers, align_units=not args.no_align_units)
     target.init_target(

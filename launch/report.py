@@ -36,7 +36,7 @@ def _default_text(chain: str) -> str:
   manifest is reported by the report itself, naming the file)."""
   from pathlib import Path
 
-  from cbd_jax import assets, manifest
+  from cbd_jax.checkpoints import assets, manifest
 
   try:
     doc = manifest.load(Path(chain)) or {}
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
-  from cbd_jax import report
+  from cbd_jax.chain import report
 
   try:
     text = args.text or _default_text(args.chain)

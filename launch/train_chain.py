@@ -51,7 +51,7 @@ def main(argv):
   if config is None:
     sys.exit(f"error: no --config given and {DEFAULT_CONFIG.relative_to(ROOT)} does not exist "
              "yet; pass one, e.g. --config=configs/qwen_chain.py:smoke")
-  from cbd_jax.chain import check_config, run_chain
+  from cbd_jax.chain.driver import check_config, run_chain
 
   check_config(config)  # Every link's fields, before JAX starts: a bad value costs one line.
   import jax

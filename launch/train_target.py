@@ -30,7 +30,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     sys.exit("error: no --config given; pass one, e.g. --config=configs/recovery.py:smoke")
-  from cbd_jax.recovery import check_config, train_target
+  from cbd_jax.chain.recovery import check_config, train_target
 
   check_config(config)  # Before JAX starts: a bad value costs one line.
   import jax

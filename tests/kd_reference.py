@@ -1,5 +1,5 @@
 """float64 numpy references of the KD losses, written from the formulas in the docstring and
-comments of ``cbd_jax.losses`` (never from its code); shared by the loss, fused-loss and
+comments of ``cbd_jax.distill.losses`` (never from its code); shared by the loss, fused-loss and
 teacher-cache tests."""
 
 import numpy as np

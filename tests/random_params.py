@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbd_jax import resize
+from cbd_jax.model import layout
 
 
 def random_params(config, seed: int = 0, scale: float = 0.2) -> dict:
   """N(0, scale^2) in every leaf (norm scales and biases too, so nothing is trivially exact);
-  shapes from `resize.param_shapes`, so nothing is compiled."""
+  shapes from `layout.param_shapes`, so nothing is compiled."""
   rng = np.random.default_rng(seed)
-  return resize.unflatten({p: (scale * rng.standard_normal(s)).astype(np.float32)
-                           for p, s in resize.param_shapes(config).items()})
+  return layout.unflatten({p: (scale * rng.standard_normal(s)).astype(np.float32)
+                           for p, s in layout.param_shapes(config).items()})

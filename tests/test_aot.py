@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
 
-from cbd_jax import aot  # noqa: E402
-from cbd_jax.config import num_params  # noqa: E402
-from cbd_jax.sharding import make_mesh  # noqa: E402
+from cbd_jax.chain import aot  # noqa: E402
+from cbd_jax.model.config import num_params  # noqa: E402
+from cbd_jax.model.sharding import make_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,10 @@ def test_topology_names():
 def test_smoke_link_compiles_and_fits_on_v5e_2x2():
   config = _smoke_config()
   config.chain[0].seq_len = 128  # Whole 128-token blocks: the Pallas flash kernel is chosen.
+  config.chain[0].batch_size, config.chain[0].per_device_batch_size = 0, 2  # 8 on 4 chips.
+  config.eval.batch_size = 2  # Padded to the 4 batch shards with masked rows.
   (report,) = aot.compile_chain(config, "v5e:2x2", link="anchor1")
+  assert report.batch_size == 8
   assert report.attention == "pallas"
   assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
   assert report.fits and report.eval_fits and not report.error

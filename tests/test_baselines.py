@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cbd_jax import baselines
+from cbd_jax.evaluation import baselines
 
 
 def _reference_nll(train, test, vocab, k, lam):

@@ -7,28 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_vocab_bridge import identity_map
 
-from cbd_jax import (
-  assets,
-  bridge_data,
-  bridge_step,
-  lm_step,
-  losses,
-  model,
-  seqkd,
-  source,
-  vocab_bridge,
-)
-from cbd_jax.config import ModelConfig
-from cbd_jax.sharding import make_mesh
-from cbd_jax.train_step import LossSettings, init_train_state, make_optimizer
+from cbd_jax.chain import source
+from cbd_jax.checkpoints import assets
+from cbd_jax.distill import bridge_data, bridge_step, lm_step, losses, seqkd, vocab_bridge
+from cbd_jax.distill.train_step import LossSettings, init_train_state, make_optimizer
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.sharding import make_mesh
 
 SEQ, TEACHER_LEN = 32, 48
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-  from cbd_jax import gguf_cache, hf_io
+  from cbd_jax.checkpoints import gguf_cache, hf_io
 
   return hf_io.load_tokenizer(gguf_cache.hf_folder(assets.smollm2_gguf()))
 
@@ -95,9 +89,9 @@ def _naive_kd(student_params, teacher_params, token_map, rows):
   """Mean over pairs of KL(P(p_teacher) || q_student) from full logits, in float64 numpy."""
   total, pairs = 0.0, 0
   for b in range(rows["ids"].shape[0]):
-    t = np.asarray(model.forward(TEACHER, teacher_params, rows["teacher_ids"][b:b + 1]),
+    t = np.asarray(decoder.forward(TEACHER, teacher_params, rows["teacher_ids"][b:b + 1]),
                    np.float64)[0]
-    s = np.asarray(model.forward(STUDENT, student_params, rows["ids"][b:b + 1]), np.float64)[0]
+    s = np.asarray(decoder.forward(STUDENT, student_params, rows["ids"][b:b + 1]), np.float64)[0]
     for k in range(int(rows["pair_mask"][b].sum())):
       i, j = rows["teacher_pos"][b, k], rows["student_pos"][b, k]
       p_t = np.exp(t[i] - t[i].max())
@@ -117,8 +111,8 @@ def _naive_kd(student_params, teacher_params, token_map, rows):
 
 def test_bridged_step_equals_naive_kd_plus_ce_over_microbatches(windows, smollm2, gpt2):
   token_map = vocab_bridge.build_token_map(smollm2, gpt2)
-  t_params = model.init_params(TEACHER, jax.random.key(0))
-  s_params = model.init_params(STUDENT, jax.random.key(1))
+  t_params = decoder.init_params(TEACHER, jax.random.key(0))
+  s_params = decoder.init_params(STUDENT, jax.random.key(1))
   mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   opt, sched = make_optimizer(1e-2, 10)
   loss = LossSettings(kind="fkl", kd_weight=1.0, ce_weight=0.5, chunk_size=64)
@@ -127,8 +121,10 @@ def test_bridged_step_equals_naive_kd_plus_ce_over_microbatches(windows, smollm2
   rows = windows.rows(np.arange(16) % 8)  # Two microbatches of eight windows.
   batch = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in bridge_step.as_device_batch(rows).items()}
   naive_kd = _naive_kd(s_params, t_params, token_map, rows)
-  logits = model.forward(STUDENT, s_params, rows["ids"])
-  naive_ce = float(losses.cross_entropy(logits, rows["labels"], rows["mask"], STUDENT.vocab_limit))
+  logits = decoder.forward(STUDENT, s_params, rows["ids"])
+  ce_sum, ce_count = losses.cross_entropy_sum(logits, rows["labels"], rows["mask"],
+                                              STUDENT.vocab_limit)
+  naive_ce = float(ce_sum / ce_count)
   state = init_train_state(jax.tree.map(jnp.array, s_params), opt)
   state, m = step(state, t_params, batch)
   assert float(m["pairs"]) == rows["pair_mask"].sum() and float(m["count"]) == rows["mask"].sum()
@@ -139,8 +135,8 @@ def test_bridged_step_equals_naive_kd_plus_ce_over_microbatches(windows, smollm2
 
 
 def test_bridged_kd_of_a_model_with_itself_is_zero(windows, smollm2):
-  token_map = vocab_bridge.identity_token_map(49_152)
-  params = model.init_params(TEACHER, jax.random.key(4))
+  token_map = identity_map(49_152)
+  params = decoder.init_params(TEACHER, jax.random.key(4))
   rows = windows.rows(np.arange(4))
   ids = rows["teacher_ids"]
   same = dict(rows, ids=ids, labels=np.zeros_like(ids), mask=np.ones(ids.shape, np.float32),
@@ -161,9 +157,11 @@ def test_lm_step_lowers_the_loss_and_matches_cross_entropy(windows):
   batch = {k: rows[k] % 500 for k in ("ids", "labels")}  # GPT-2 ids folded into 500 tokens.
   batch["labels"] = np.where(rows["mask"] > 0, batch["labels"], -1)
   batch["mask"] = rows["mask"]
-  params = model.init_params(config, jax.random.key(2))
-  logits = model.forward(config, params, batch["ids"][0])
-  want = losses.cross_entropy(logits, batch["labels"][0], batch["mask"][0], config.vocab_limit)
+  params = decoder.init_params(config, jax.random.key(2))
+  logits = decoder.forward(config, params, batch["ids"][0])
+  total, count = losses.cross_entropy_sum(logits, batch["labels"][0], batch["mask"][0],
+                                          config.vocab_limit)
+  want = total / count
   state = init_train_state(params, opt)
   first = None
   for _ in range(5):
@@ -194,7 +192,7 @@ def test_seqkd_corpus_resumes_to_the_same_text_and_counts_teacher_flops(tmp_path
   assert len(lines) == 6
   for text, prompt in zip(lines, prompts):
     assert text.startswith(smollm2.decode(list(prompt)))
-  from cbd_jax.config import num_params
+  from cbd_jax.model.config import num_params
 
   positions = 2 * 4 * (8 + 6)  # Two batches of four rows, prompt + new tokens each.
   assert whole["teacher_flops"] == resumed["teacher_flops"] == 2 * num_params(teacher) * positions
@@ -207,7 +205,7 @@ def test_seqkd_corpus_resumes_to_the_same_text_and_counts_teacher_flops(tmp_path
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory, smollm2):
   """A 2-layer random Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
-  from cbd_jax import hf_io
+  from cbd_jax.checkpoints import hf_io
 
   folder = tmp_path_factory.mktemp("teacher") / "tiny-smollm2"
   teacher = TEACHER.replace(eos_token_id=smollm2.eos_token_id)
@@ -234,12 +232,12 @@ def test_bridged_chain_runs_end_to_end_and_exports_a_gpt2_anchor(tmp_path, tiny_
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
-  from cbd_jax import chain
-  from cbd_jax.config import num_params
+  from cbd_jax.chain import driver
+  from cbd_jax.model.config import num_params
 
   config = _smoke_config(variant, tmp_path / "run", tiny_teacher)
   link = config.chain[0]
-  doc = chain.run_chain(config)
+  doc = driver.run_chain(config)
   entry = doc["anchors"][0]
   assert entry["status"] == "done" and entry["steps"] == 2
   assert entry["tokens"] == 2 * 8 * 1 * 32  # steps * batch * microbatches * seq_len.

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from cbd_jax import align, calibrate, importance, interpolate, model, resize
-from cbd_jax.config import FAMILIES, ModelConfig
+from cbd_jax.interpolation import align, calibrate, importance, mixing, resize
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import FAMILIES, ModelConfig
 
 
 def _config(family, **kw):
@@ -19,14 +20,14 @@ def _config(family, **kw):
 def _chain(family="llama"):
   """A large anchor and a small one cut from it (scattered units, like an importance Shrink)
   and perturbed, as a chain's anchors are."""
-  large_cfg = _config(family, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3,
-                      intermediate_size=96)
-  small_cfg = _config(family)
-  large = random_params(large_cfg, 1)
-  small = resize.shrink(large_cfg, large, small_cfg, method="weight_norm")
+  large_config = _config(family, num_layers=6, hidden_size=48, num_heads=6, num_kv_heads=3,
+                         intermediate_size=96)
+  small_config = _config(family)
+  large = random_params(large_config, 1)
+  small = resize.shrink(large_config, large, small_config, method="weight_norm")
   rng = np.random.default_rng(2)
   small = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype), small)
-  return (small_cfg, small), (large_cfg, large)
+  return (small_config, small), (large_config, large)
 
 
 IDS = np.random.default_rng(3).integers(0, 53, (4, 9))
@@ -34,15 +35,16 @@ IDS = np.random.default_rng(3).integers(0, 53, (4, 9))
 
 def _ce(config, params, rows):
   """Mean next-token cross entropy over the real vocabulary, in float64 numpy from the logits."""
-  z = np.asarray(model.forward(config, params, rows[:, :-1]), np.float64)[..., :config.vocab_limit]
+  z = np.asarray(decoder.forward(config, params, rows[:, :-1]), np.float64)
+  z = z[..., :config.vocab_limit]
   logp = z - z.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   return float(-np.take_along_axis(logp, rows[:, 1:, None], -1).mean())
 
 
 def _same_function(config, params, want):
-  np.testing.assert_allclose(model.forward(config, params, IDS[:, :-1]),
-                             model.forward(config, want, IDS[:, :-1]), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(decoder.forward(config, params, IDS[:, :-1]),
+                             decoder.forward(config, want, IDS[:, :-1]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,8 +53,8 @@ def test_the_mix_at_an_anchors_shape_is_that_anchor(family):
   aligned, Grow, Shrink, the output mix) must give the same function there: the small anchor at
   alpha = 1, the large one at alpha = 0."""
   small, large = _chain(family)
-  _same_function(small[0], interpolate.interpolate(small, large, small[0], 1.0), small[1])
-  _same_function(large[0], interpolate.interpolate(small, large, large[0], 0.0), large[1])
+  _same_function(small[0], mixing.interpolate(small, large, small[0], 1.0), small[1])
+  _same_function(large[0], mixing.interpolate(small, large, large[0], 0.0), large[1])
   for anchor, alpha in ((small, 1.0), (large, 0.0)):
     params, info = calibrate.make_target(small, large, anchor[0], rows=IDS, log=str)
     jax.tree.map(np.testing.assert_array_equal, params, anchor[1])
@@ -64,27 +66,27 @@ def test_output_mix_is_the_small_anchor_at_alpha_one_and_shrink_at_zero(family):
   small, large = _chain(family)
   target = small[0].replace(num_layers=5, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
-  views = interpolate.anchor_views(small, large, target)
+  views = mixing.anchor_views(small, large, target)
   ids = IDS[:, :-1]
-  want = model.forward(small[0], small[1], ids)
+  want = decoder.forward(small[0], small[1], ids)
   if family in ("gpt2",):  # LayerNorm averages over the new channels: not function-preserving.
-    views = interpolate.anchor_views(small, large, target.replace(hidden_size=32, num_heads=4,
-                                                                  num_kv_heads=4))
+    views = mixing.anchor_views(small, large, target.replace(hidden_size=32, num_heads=4,
+                                                             num_kv_heads=4))
     target = target.replace(hidden_size=32, num_heads=4, num_kv_heads=4)
   else:
-    views = interpolate.anchor_views(small, large, target, rescale_norms=True)
-  got = model.forward(target, interpolate.mix(views, 1.0, "output"), ids)
+    views = mixing.anchor_views(small, large, target, rescale_norms=True)
+  got = decoder.forward(target, mixing.mix_views(views, 1.0, "output"), ids)
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
-  jax.tree.map(np.testing.assert_array_equal, interpolate.mix(views, 0.0, "output"), views.shrunk)
+  jax.tree.map(np.testing.assert_array_equal, mixing.mix_views(views, 0.0, "output"), views.shrunk)
 
 
 def test_output_mix_scales_only_what_padded_units_write():
   small, large = _chain()
   target = small[0].replace(num_layers=5, intermediate_size=64)
-  views = interpolate.anchor_views(small, large, target)
+  views = mixing.anchor_views(small, large, target)
   alpha = 0.3
-  out = resize.flatten(interpolate.mix(views, alpha, "output"))
-  shrunk, grown = resize.flatten(views.shrunk), resize.flatten(views.grown)
+  out = layout.flatten(mixing.mix_views(views, alpha, "output"))
+  shrunk, grown = layout.flatten(views.shrunk), layout.flatten(views.grown)
   new_layers = np.flatnonzero(np.all(grown["layers/attn/q/weight"] == 0, axis=(1, 2, 3)))
   assert len(new_layers) == 2
   for path, x in out.items():
@@ -98,7 +100,7 @@ def test_output_mix_scales_only_what_padded_units_write():
   s_up, s_down = shrunk["layers/mlp/up/weight"][kept], shrunk["layers/mlp/down/weight"][kept]
   np.testing.assert_array_equal(up[:, 48:], s_up[:, 48:])  # New neurons read whole ...
   np.testing.assert_allclose(down[..., 48:], (1 - alpha) * s_down[..., 48:], atol=1e-7)
-  np.testing.assert_allclose(up[:, :48], alpha * resize.flatten(views.grown)[
+  np.testing.assert_allclose(up[:, :48], alpha * layout.flatten(views.grown)[
       "layers/mlp/up/weight"][kept][:, :48] + (1 - alpha) * s_up[:, :48], atol=1e-6)
 
 
@@ -114,20 +116,20 @@ def test_alpha_and_layers_are_chosen_by_the_loss_on_the_first_half_of_the_rows(f
   views = {}
   for choice, layers in calibrate.layer_sets(small, (large[0], align.align_units(
       *small, *large)), target, first).items():
-    views[choice] = interpolate.anchor_views(small, large, target, large_layers=layers)
-    recomputed = _ce(target, interpolate.mix(views[choice], 0.0), first)
+    views[choice] = mixing.anchor_views(small, large, target, large_layers=layers)
+    recomputed = _ce(target, mixing.mix_views(views[choice], 0.0), first)
     assert info["layer_losses"][choice] == pytest.approx(recomputed, rel=1e-5), choice
   assert set(views) == {"even", "influence", "greedy"}
   assert info["layer_losses"][info["layer_choice"]] == min(info["layer_losses"].values())
   chosen = views[info["layer_choice"]]
-  grid = {a: _ce(target, interpolate.mix(chosen, a), first) for a in info["alpha_losses"]}
+  grid = {a: _ce(target, mixing.mix_views(chosen, a), first) for a in info["alpha_losses"]}
   assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(grid) and len(grid) >= 7  # Grid, then refinements.
   for a, loss in grid.items():
     assert info["alpha_losses"][a] == pytest.approx(loss, rel=1e-5), a
     assert grid[info["alpha"]] <= loss + 1e-9, (info["alpha"], a)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7), params,
-               interpolate.mix(chosen, info["alpha"]))
-  assert np.isfinite(np.asarray(model.forward(target, params, IDS))).all()
+               mixing.mix_views(chosen, info["alpha"]))
+  assert np.isfinite(np.asarray(decoder.forward(target, params, IDS))).all()
   assert any(f"alpha = {info['alpha']:.4f}" in line for line in lines)
 
 
@@ -137,7 +139,7 @@ def test_residual_gains_bring_the_target_towards_the_large_anchor_without_vocab_
   log-softmax ever runs over all [N, T, V] logits at once (chunks of 256 tokens)."""
   small, large = _chain()
   target = small[0].replace(num_layers=4, intermediate_size=64)
-  params = interpolate.mix(interpolate.anchor_views(small, large, target), 0.5, "output")
+  params = mixing.mix_views(mixing.anchor_views(small, large, target), 0.5, "output")
   rows = np.random.default_rng(5).integers(0, 53, (8, 66))  # 520 tokens, a shape of its own.
   seen = []
   real = jax.nn.log_softmax
@@ -146,15 +148,15 @@ def test_residual_gains_bring_the_target_towards_the_large_anchor_without_vocab_
   gains, kls = calibrate.fit_residual_gains(target, params, large, rows, steps=8)
   monkeypatch.undo()
   assert seen and max(seen) <= 256 < rows[:, 1:].size
-  zp = np.asarray(model.forward(*large, rows[:, :-1]), np.float64)
-  zq = np.asarray(model.forward(target, params, rows[:, :-1]), np.float64)
+  zp = np.asarray(decoder.forward(*large, rows[:, :-1]), np.float64)
+  zq = np.asarray(decoder.forward(target, params, rows[:, :-1]), np.float64)
   logp, logq = (z - z.max(-1, keepdims=True) for z in (zp, zq))
   logp, logq = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (logp, logq))
   assert kls[0] == pytest.approx(float((np.exp(logp) * (logp - logq)).sum(-1).mean()), rel=1e-5)
   assert gains.shape == (4, 2) and np.all(np.diff(kls) < 0) and kls[-1] < 0.95 * kls[0]
   # scale_outputs multiplies exactly the o and down weights of each layer.
-  scaled = resize.flatten(calibrate.scale_outputs(params, gains))
-  flat = resize.flatten(params)
+  scaled = layout.flatten(calibrate.scale_outputs(params, gains))
+  flat = layout.flatten(params)
   for path, x in scaled.items():
     if path == "layers/attn/o/weight":
       np.testing.assert_allclose(x, flat[path] * gains[:, 0, None, None, None], rtol=1e-6)
@@ -179,9 +181,9 @@ def test_the_check_rows_decide_only_whether_the_gains_are_kept():
   for key in ("large_layers", "layer_losses", "alpha_losses", "gain_alpha", "fitted_gains"):
     assert a.get(key) == b.get(key), key
   for check, params, info in runs:
-    views = interpolate.anchor_views(small, large, target, large_layers=info["large_layers"])
-    plain = interpolate.mix(views, min(info["alpha_losses"], key=info["alpha_losses"].get))
-    gained = calibrate.scale_outputs(interpolate.mix(views, info["gain_alpha"]),
+    views = mixing.anchor_views(small, large, target, large_layers=info["large_layers"])
+    plain = mixing.mix_views(views, min(info["alpha_losses"], key=info["alpha_losses"].get))
+    gained = calibrate.scale_outputs(mixing.mix_views(views, info["gain_alpha"]),
                                      np.asarray(info["fitted_gains"], np.float32))
     before, after = info["gain_check_losses"]
     assert before == pytest.approx(_ce(target, plain, check), rel=1e-5)
@@ -215,8 +217,8 @@ def test_calibration_depends_only_on_the_rows_it_is_given():
   assert info_c["alpha_losses"] != info_a["alpha_losses"]
   paper, info = calibrate.make_target(small, large, target, calibrate.Recipe(method="paper"),
                                       rows=IDS, log=str)
-  assert info["calibration_tokens"] == 0 and info["rule"] == "plain"
-  want = interpolate.interpolate(small, large, target, rule="plain")
+  assert info["calibration_tokens"] == 0 and info["mix"] == "plain"
+  want = mixing.interpolate(small, large, target, mix="plain")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7), paper, want)
 
 
@@ -227,7 +229,8 @@ def test_on_anchors_cut_from_smollm2_the_calibrated_target_beats_the_paper_formu
   news text between its anchors' and below that of the paper's formula."""
   import math
 
-  from cbd_jax import assets, gguf_cache, heldout, hf_io
+  from cbd_jax.checkpoints import assets, gguf_cache, hf_io
+  from cbd_jax.evaluation import heldout
 
   folder = gguf_cache.hf_folder(assets.smollm2_gguf())
   config, params = hf_io.load_hf_numpy(folder)
@@ -263,14 +266,14 @@ def test_greedy_layers_keep_the_counterparts_and_drop_the_least_influential():
   layers = importance.greedy_layers(*aligned, 4, IDS, keep=m)
   assert len(layers) == 4 and np.isin(m, layers).all() and np.all(np.diff(layers) > 0)
   # A layer whose o and down are zero is an identity: block influence 0, dropped first.
-  flat = resize.flatten(aligned[1])
+  flat = layout.flatten(aligned[1])
   free = np.setdiff1d(np.arange(6), m)
   for path in ("layers/attn/o/weight", "layers/mlp/down/weight"):
     flat[path] = np.array(flat[path])
     flat[path][free[-1]] = 0
-  scores = importance.block_influence(large[0], resize.unflatten(flat), IDS)
+  scores = importance.block_influence(large[0], layout.unflatten(flat), IDS)
   assert scores[free[-1]] == pytest.approx(0.0, abs=1e-6) and scores.min() >= -1e-6
-  kept = importance.greedy_layers(large[0], resize.unflatten(flat), 5, IDS, keep=m)
+  kept = importance.greedy_layers(large[0], layout.unflatten(flat), 5, IDS, keep=m)
   assert free[-1] not in kept
 
 

@@ -12,7 +12,10 @@ import pytest
 import safetensors.numpy
 from launch_env import user_env
 
-from cbd_jax import chain, hf_io, manifest, model, target
+from cbd_jax.chain import driver
+from cbd_jax.checkpoints import hf_io, manifest
+from cbd_jax.interpolation import target
+from cbd_jax.model import decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +95,7 @@ def test_anchors_load_in_transformers_with_our_logits(smoke):
   with torch.no_grad():
     theirs = torch_model(torch.from_numpy(ids)).logits.numpy()
   config, params = hf_io.load_hf(folder)
-  ours = np.asarray(model.forward(config, params, ids))
+  ours = np.asarray(decoder.forward(config, params, ids))
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -101,7 +104,7 @@ def test_rerun_skips_finished_links(smoke):
   before = (workdir / "anchors" / "anchor2" / "model.safetensors").read_bytes()
   config = qwen_chain.get_config("smoke")
   config.workdir = str(workdir)
-  doc = chain.run_chain(config)
+  doc = driver.run_chain(config)
   assert [a["status"] for a in doc["anchors"]] == ["done", "done"]
   assert (workdir / "anchors" / "anchor2" / "model.safetensors").read_bytes() == before
 
@@ -128,7 +131,7 @@ def _one_link(workdir, stop_after=0):
   config.eval.num_batches = 1
   config.log.progress = False
   config.stop_after = stop_after
-  return chain.run_chain(config)
+  return driver.run_chain(config)
 
 
 def test_resume_after_k_steps_equals_uninterrupted(tmp_path):
@@ -151,7 +154,7 @@ def test_changed_chain_in_an_existing_workdir_is_refused(tmp_path):
   config = qwen_chain.get_config("smoke")
   config.workdir = str(tmp_path)
   with pytest.raises(ValueError, match="use another workdir"):
-    chain.run_chain(config)
+    driver.run_chain(config)
 
 
 def test_nan_learning_rate_is_refused_before_anything_is_written(tmp_path):
@@ -172,7 +175,8 @@ def test_a_link_turning_non_finite_stops_in_one_line_and_keeps_its_last_finite_c
     tmp_path):
   """The guard behind validation: a step whose loss turns non-finite (here a NaN learning rate
   given to the driver directly, as a damaged input would) stops the link."""
-  from cbd_jax import checkpoint, link_driver, source
+  from cbd_jax.chain import link, source
+  from cbd_jax.checkpoints import orbax_io
 
   _one_link(tmp_path, stop_after=3)  # A finite checkpoint at step 3.
   config = qwen_chain.get_config("smoke")
@@ -183,14 +187,14 @@ def test_a_link_turning_non_finite_stops_in_one_line_and_keeps_its_last_finite_c
   config.checkpoint.every, config.eval.every, config.log.progress = 1, 0, False
   source_path, tokenizer_path = source.prepare_source(config)
   entry = manifest.read(tmp_path)["anchors"][0]
-  kind = chain.make_kind(config, 0, tmp_path, entry, source_path, tokenizer_path)
-  with pytest.raises(link_driver.NonFiniteError) as e:
-    link_driver.train_link(kind, entry, lambda _: entry)
+  strategy = driver.make_strategy(config, 0, tmp_path, entry, source_path, tokenizer_path)
+  with pytest.raises(link.NonFiniteError) as e:
+    link.train_link(strategy, entry, lambda _: entry)
   assert str(e.value) == (
       "link anchor1: non-finite param_norm at step 4; likely causes: a learning rate too high "
       "(optimizer.lr), a damaged teacher, checkpoint or token cache, token ids outside the "
       "model's vocabulary; last finite checkpoint kept: step 3; nothing was exported")
-  manager = checkpoint.make_checkpoint_manager(tmp_path / "checkpoints" / "anchor1", 1)
+  manager = orbax_io.make_checkpoint_manager(tmp_path / "checkpoints" / "anchor1", 1)
   assert manager.all_steps() == [3]
   assert not (tmp_path / entry["path"]).exists()
 
@@ -204,7 +208,7 @@ def _copy_chain(smoke, tmp_path) -> Path:
 
 
 def test_init_model_and_report_refuse_an_anchor_that_is_not_the_recorded_one(smoke, tmp_path):
-  from cbd_jax import report
+  from cbd_jax.chain import report
 
   workdir = _copy_chain(smoke, tmp_path)
   one, two = workdir / "anchors" / "anchor1", workdir / "anchors" / "anchor2"
@@ -225,7 +229,7 @@ def test_init_model_and_report_refuse_an_anchor_that_is_not_the_recorded_one(smo
 
 
 def test_init_model_and_report_refuse_an_anchor_with_nan_weights(smoke, tmp_path):
-  from cbd_jax import report
+  from cbd_jax.chain import report
 
   workdir = _copy_chain(smoke, tmp_path)
   weights = workdir / "anchors" / "anchor2" / "model.safetensors"

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import checkpoint
-from cbd_jax.train_step import TrainState
+from cbd_jax.checkpoints import orbax_io
+from cbd_jax.distill.step_core import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +32,9 @@ def _abstract() -> TrainState:
 
 
 def _saved(folder: Path, *states: TrainState):
-  manager = checkpoint.make_checkpoint_manager(folder, 1, max_to_keep=5)
+  manager = orbax_io.make_checkpoint_manager(folder, 1, max_to_keep=5)
   for state in states:
-    assert checkpoint.save_state(manager, state, force=True)
+    assert orbax_io.save_state(manager, state, force=True)
   manager.wait_until_finished()
   return manager
 
@@ -56,7 +56,7 @@ def test_a_step_with_bytes_cut_short_is_set_aside_and_the_older_one_restored(tmp
            if p.is_file()}
   for path in _data_files(tmp_path / "2"):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-  _assert_state(checkpoint.restore_latest(manager, _abstract()), _state(1))
+  _assert_state(orbax_io.restore_latest(manager, _abstract()), _state(1))
   assert not (tmp_path / "2").exists() and manager.all_steps() == [1]
   kept = {p.relative_to(tmp_path / "2.corrupt") for p in (tmp_path / "2.corrupt").rglob("*")
           if p.is_file()}
@@ -65,7 +65,7 @@ def test_a_step_with_bytes_cut_short_is_set_aside_and_the_older_one_restored(tmp
 
 def test_a_step_with_non_finite_values_is_set_aside(tmp_path):
   manager = _saved(tmp_path, _state(1), _state(2, fill=np.nan))
-  _assert_state(checkpoint.restore_latest(manager, _abstract()), _state(1))
+  _assert_state(orbax_io.restore_latest(manager, _abstract()), _state(1))
   assert (tmp_path / "2.corrupt").is_dir() and not (tmp_path / "2").exists()
 
 
@@ -73,10 +73,10 @@ _RESTORE = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import _abstract
-from cbd_jax import checkpoint
-manager = checkpoint.make_checkpoint_manager({folder!r}, 1)
+from cbd_jax.checkpoints import orbax_io
+manager = orbax_io.make_checkpoint_manager({folder!r}, 1)
 try:
-  state = checkpoint.restore_latest(manager, _abstract())
+  state = orbax_io.restore_latest(manager, _abstract())
   print("restored", int(state.step))
 except Exception as e:
   print(type(e).__name__, str(e))
@@ -111,8 +111,8 @@ def test_a_permission_error_keeps_the_checkpoint_and_raises_one_line(tmp_path):
   assert line.endswith("; it is kept: fix the cause (disk space, permissions, the filesystem) "
                        "and run again"), line
   assert (tmp_path / "2").is_dir() and not list(tmp_path.glob("*.corrupt*"))
-  manager = checkpoint.make_checkpoint_manager(tmp_path, 1)
-  _assert_state(checkpoint.restore_latest(manager, _abstract()), _state(2))  # Intact.
+  manager = orbax_io.make_checkpoint_manager(tmp_path, 1)
+  _assert_state(orbax_io.restore_latest(manager, _abstract()), _state(2))  # Intact.
 
 
 def _wrapped(inner: Exception) -> Exception:
@@ -138,7 +138,7 @@ def test_a_failure_that_is_not_proven_damage_keeps_the_checkpoint(tmp_path, monk
     raise error
   monkeypatch.setattr(manager, "restore", restore)
   with pytest.raises(OSError) as e:
-    checkpoint.restore_latest(manager, _abstract())
+    orbax_io.restore_latest(manager, _abstract())
   assert type(e.value).__name__ == "CheckpointUnreadable"
   assert str(e.value).startswith(f"checkpoint {tmp_path / '2'} could not be read (")
   assert "\n" not in str(e.value)
@@ -152,5 +152,5 @@ def test_a_failure_that_is_not_proven_damage_keeps_the_checkpoint(tmp_path, monk
     ValueError("NOT_FOUND: Metadata at \"opt_state.m/.zarray\" does not exist"),
 ], ids=["data-loss", "out-of-range", "truncated", "not-found"])
 def test_damage_is_recognised_in_every_form_tensorstore_reports_it(error):
-  assert checkpoint.is_damage(error)
-  assert not checkpoint.is_damage(ValueError("Requested shape: (4000,) is not compatible"))
+  assert orbax_io.is_damage(error)
+  assert not orbax_io.is_damage(ValueError("Requested shape: (4000,) is not compatible"))

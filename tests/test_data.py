@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cbd_jax import assets, data, token_shards
+from cbd_jax import data
+from cbd_jax.checkpoints import assets
+from cbd_jax.data import documents, token_shards
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,8 @@ def _cfg(**kw):
 def _one_process_tokens(source, tokenizer):
   """The old way: every document in one process, concatenated in memory."""
   ds = data.load_documents(source)
-  ids = [x for texts in data._documents(ds, "text") for x in data._encode(tokenizer, texts)]
+  ids = [x for texts in documents.iter_documents(ds, "text")
+         for x in documents.encode(tokenizer, texts)]
   return np.array([t for x in ids for t in x], np.int64)
 
 

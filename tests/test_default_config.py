@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from launch_env import user_env
 
-from cbd_jax import sizing
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.interpolation import sizing
+from cbd_jax.model.config import ModelConfig, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ModelConfig(family="llama", vocab_size=49_152, hidden_size=576, num_layers=30,
@@ -157,8 +157,9 @@ def test_a_link_transformers_could_not_load_is_refused_before_anything_is_writte
     transformers.LlamaConfig(hidden_size=160, num_attention_heads=3, num_key_value_heads=1,
                              head_dim=64)
   workdir = tmp_path / "run"
-  out = subprocess.run([sys.executable, "launch/train_chain.py", "--config=configs/default.py:smoke",
-                        f"--config.workdir={workdir}", "--config.chain[1].shape.hidden_size=160"],
+  out = subprocess.run([sys.executable, "launch/train_chain.py",
+                        "--config=configs/default.py:smoke", f"--config.workdir={workdir}",
+                        "--config.chain[1].shape.hidden_size=160"],
                        cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == (

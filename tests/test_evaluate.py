@@ -10,9 +10,11 @@ from hf_models import tiny_hf_model
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from cbd_jax import assets, bridge_data, evaluation
-from cbd_jax.lm_backend import JaxLM, padded_length
-from cbd_jax.lm_tasks import news_next
+from cbd_jax.checkpoints import assets
+from cbd_jax.distill import bridge_data
+from cbd_jax.evaluation import harness
+from cbd_jax.evaluation.lm_backend import JaxLM, padded_length
+from cbd_jax.evaluation.lm_tasks import news_next
 
 TASK = "cbd_test_news_mc"
 TASK_YAML = """task: TASK
@@ -67,7 +69,9 @@ def task_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tasks")
   docs = news_next.news_next_docs(assets.english_text()["heldout"], num_docs=10, seed=1,
                                   context_sentences=1)
-  data = news_next.write_jsonl(docs, folder / "mc.jsonl")
+  data = folder / "mc.jsonl"  # One JSON document a line, as datasets' "json" builder reads.
+  data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                  encoding="utf-8")
   (folder / f"{TASK}.yaml").write_text(TASK_YAML.replace("TASK", TASK).replace("DATA", str(data)))
   return str(folder)
 
@@ -82,9 +86,9 @@ def test_multiple_choice_task_matches_hf_backend(folder, backends, task_dir):
   import lm_eval
 
   ours, hf = backends
-  results = evaluation.evaluate_model(folder, TASK, include_path=task_dir, log_samples=True,
-                                      batch_size=6)
-  manager = evaluation.check_tasks([TASK], task_dir)
+  results = harness.evaluate_model(folder, TASK, include_path=task_dir, log_samples=True,
+                                   batch_size=6)
+  manager = harness.check_tasks([TASK], task_dir)
   oracle = lm_eval.simple_evaluate(model=hf, tasks=[TASK], task_manager=manager, log_samples=True,
                                    bootstrap_iters=1000)
   mine = {s["doc_id"]: s for s in results["samples"][TASK]}
@@ -99,12 +103,12 @@ def test_multiple_choice_task_matches_hf_backend(folder, backends, task_dir):
         r[1] for r in sample["filtered_resps"]]
   for metric in ("acc,none", "acc_norm,none"):
     assert results["results"][TASK][metric] == oracle["results"][TASK][metric]
-  written = json.loads(evaluation.results_path(folder).read_text())
+  written = json.loads(harness.results_path(folder).read_text())
   assert written["config"]["model"] == "cbd_jax" and "samples" not in written
-  scores = evaluation.read_task_scores(folder)
+  scores = harness.read_task_scores(folder)
   assert scores == {TASK: {"acc": oracle["results"][TASK]["acc,none"],
                            "acc_norm": oracle["results"][TASK]["acc_norm,none"]}}
-  assert evaluation.format_task_scores(scores).startswith(f"{TASK} acc ")
+  assert harness.format_task_scores(scores).startswith(f"{TASK} acc ")
 
 
 def test_rolling_loglikelihood_matches_hf_over_several_windows(backends):
@@ -139,7 +143,7 @@ def test_launcher_writes_results_the_report_shows(folders, task_dir, tmp_path, c
   import importlib.util
   from pathlib import Path
 
-  from cbd_jax import report
+  from cbd_jax.chain import report
 
   path = Path(__file__).parent.parent / "launch" / "evaluate.py"
   spec = importlib.util.spec_from_file_location("evaluate_launcher", path)
@@ -149,13 +153,13 @@ def test_launcher_writes_results_the_report_shows(folders, task_dir, tmp_path, c
   shutil.copytree(folders["gpt2"], folder)  # A folder of its own: results are written in it.
   assert launcher.main([f"--model={folder}", f"--tasks={TASK}", f"--include_path={task_dir}",
                         "--limit=4", "--batch_size=8"]) == 0
-  written = evaluation.results_path(folder)
+  written = harness.results_path(folder)
   assert json.loads(written.read_text())["results"][TASK]["sample_len"] == 4
   models = [{"name": "t", "role": "target", "path": folder, "anchors": ["a", "b"], "alpha": 0.5,
              "tokens": 0, "teacher_flops": 0}]
   text = assets.english_text()["heldout"]
   models = report.evaluate_models(models, text, eval_tokens=256, seq_len=64)
-  assert models[0]["tasks"] == evaluation.read_task_scores(folder) != {}
+  assert models[0]["tasks"] == harness.read_task_scores(folder) != {}
   printed = report.format_report({"heldout": {"file": str(text), "eval_tokens": 256,
                                               "seq_len": 64}, "models": models,
                                   "chain_tokens": 0, "chain_teacher_flops": 0.0,
@@ -188,17 +192,17 @@ def test_news_task_true_sentence_follows_its_context():
     others = [c for i, c in enumerate(doc["choices"]) if i != doc["label"]]
     assert all(f"{doc['context']} {c}" not in text for c in others)
   assert len({doc["label"] for doc in dataset}) > 1  # The answer's place is shuffled.
-  assert "cbd_news_next" in evaluation.check_tasks(["cbd_news_next"]).all_tasks
+  assert "cbd_news_next" in harness.check_tasks(["cbd_news_next"]).all_tasks
 
 
 def test_results_of_earlier_tasks_are_kept(tmp_path):
   path = tmp_path / "lm_eval" / "results.json"
-  evaluation.write_results({"results": {"a": {"acc,none": 0.5}}, "versions": {"a": 1},
+  harness.write_results({"results": {"a": {"acc,none": 0.5}}, "versions": {"a": 1},
                             "samples": {"a": []}}, path)
-  evaluation.write_results({"results": {"b": {"acc,none": 0.25, "acc_stderr,none": 0.1},
+  harness.write_results({"results": {"b": {"acc,none": 0.25, "acc_stderr,none": 0.1},
                                         "a": {"acc,none": 0.75}}, "versions": {"b": 2}}, path)
   written = json.loads(path.read_text())
   assert written["results"] == {"a": {"acc,none": 0.75},
                                 "b": {"acc,none": 0.25, "acc_stderr,none": 0.1}}
   assert written["versions"] == {"a": 1, "b": 2} and "samples" not in written
-  assert evaluation.read_task_scores(tmp_path) == {"a": {"acc": 0.75}, "b": {"acc": 0.25}}
+  assert harness.read_task_scores(tmp_path) == {"a": {"acc": 0.75}, "b": {"acc": 0.25}}

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cbd_jax import checkpoint, cli, guards, manifest, metrics
+from cbd_jax import cli, errors
+from cbd_jax.chain import guards, metrics
+from cbd_jax.checkpoints import manifest, orbax_io
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -48,9 +50,9 @@ def _config_file(tmp_path: Path) -> Path:
 
 def _run(config_file: Path, workdir: Path, *overrides: str) -> dict:
   """The chain run in this process, as `launch/train_chain.py --config=FILE:WORKDIR` runs it."""
-  from cbd_jax import chain
+  from cbd_jax.chain import driver
 
-  return chain.run_chain(cli.load_config(f"{config_file}:{workdir}", overrides))
+  return driver.run_chain(cli.load_config(f"{config_file}:{workdir}", overrides))
 
 
 def _anchor(workdir: Path) -> dict[str, np.ndarray]:
@@ -116,7 +118,7 @@ def test_sigterm_mid_link_saves_its_step_and_the_rerun_equals_an_uninterrupted_r
   assert "Traceback" not in "\n".join(err)
   entry = manifest.read(workdir)["anchors"][0]
   assert (entry["status"], entry["steps"]) == ("running", step)
-  manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints" / "anchor1", 5)
+  manager = orbax_io.make_checkpoint_manager(workdir / "checkpoints" / "anchor1", 5)
   assert manager.latest_step() == step
   assert not (workdir / "anchors").exists()
   _run(config_file, workdir)
@@ -138,12 +140,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
   config_file = _config_file(tmp_path)
   _run(config_file, workdir, "stop_after=12")  # Checkpoints at 10 and 12 (keep=2).
   folder = workdir / "checkpoints" / "anchor1"
-  assert checkpoint.make_checkpoint_manager(folder, 5).all_steps() == [10, 12]
+  assert orbax_io.make_checkpoint_manager(folder, 5).all_steps() == [10, 12]
   data_files = [p for p in (folder / "12").rglob("*") if p.is_file() and p.stat().st_size > 4096]
   assert data_files
   for path in data_files:  # A truncated copy, as a disk or a killed copy leaves it.
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-  with caplog.at_level(logging.WARNING, logger="cbd_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="cbd_jax.checkpoints.orbax_io"):
     _run(config_file, workdir)
   assert re.search(rf"checkpoint {re.escape(str(folder / '12'))} is damaged \(.+\); moved aside to "
                    r"12\.corrupt and trying an older step", caplog.text)
@@ -155,7 +157,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_taken
     tmp_path, caplog):
   workdir = tmp_path / "run"
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from cbd_jax import guards\n"
+      [sys.executable, "-c", "import sys, time; from cbd_jax.chain import guards\n"
        f"with guards.WorkdirLock({str(workdir)!r}):\n  print('held', flush=True); time.sleep(600)"],
       cwd=ROOT, stdout=subprocess.PIPE, text=True)
   try:
@@ -168,7 +170,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_runs_lock_is_taken
   finally:
     holder.kill()
     holder.wait()
-  with caplog.at_level(logging.WARNING, logger="cbd_jax.guards"), guards.WorkdirLock(workdir):
+  with caplog.at_level(logging.WARNING, logger="cbd_jax.chain.guards"), guards.WorkdirLock(workdir):
     held = json.loads((workdir / guards.LOCK).read_text())
   assert held["pid"] == os.getpid()
   assert f"taking over the lock of pid {holder.pid}" in caplog.text
@@ -197,13 +199,13 @@ def test_resuming_with_a_changed_config_is_refused_unless_allowed_and_then_recor
 def _smoke_error(tmp_path: Path, *overrides: str, spec="configs/qwen_chain.py:smoke") -> str:
   """The one-line error of a smoke chain with ``overrides`` (run in this process, as the launch
   script runs it), after checking nothing was written in the workdir."""
-  from cbd_jax import chain
+  from cbd_jax.chain import driver
 
   config = cli.load_config(spec, [*overrides, f"workdir={tmp_path / 'run'}"])
   with pytest.raises((ValueError, OSError)) as e:
-    chain.run_chain(config)
+    driver.run_chain(config)
   assert not (tmp_path / "run").exists()
-  return cli.one_line(e.value)
+  return errors.one_line(e.value)
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -223,14 +225,15 @@ def _smoke_error(tmp_path: Path, *overrides: str, spec="configs/qwen_chain.py:sm
     # Found before link 0 trains, though it is link 1's.
     (["chain[1].batch_size=3"],
      "config.chain[1] (anchor2): batch_size=3 must be a multiple of the mesh's data x fsdp = 8 "
-     "batch shards"),
+     "batch shards; or give per_device_batch_size instead"),
 ])
 def test_bad_values_stop_the_run_before_any_link_trains(tmp_path, overrides, expected):
   assert _smoke_error(tmp_path, *overrides) == expected
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_any_link_trains(tmp_path):
-  from cbd_jax import assets, bridge_data
+  from cbd_jax.checkpoints import assets
+  from cbd_jax.distill import bridge_data
 
   gpt2 = tmp_path / "gpt2-tokenizer"
   vocab, merges = assets.gpt2_tokenizer_files()
@@ -288,7 +291,7 @@ def test_sigterm_to_one_host_of_two_stops_both_at_the_same_step(tmp_path, refere
   assert len(steps) == 1
   step = int(steps.pop())
   assert manifest.read(workdir)["anchors"][0]["steps"] == step
-  manager = checkpoint.make_checkpoint_manager(workdir / "checkpoints" / "anchor1", 5)
+  manager = orbax_io.make_checkpoint_manager(workdir / "checkpoints" / "anchor1", 5)
   assert manager.latest_step() == step
   _run(config_file, workdir)  # One process, 8 devices: another process layout.
   # Two processes sum gradients over gloo in another order than one process does: the same run

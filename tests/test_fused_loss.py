@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax import fused_loss, losses
+from cbd_jax.distill import fused_loss, losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_reference as ref  # noqa: E402
@@ -180,8 +180,9 @@ def test_fused_topk_equals_float64_reference(kind):
   idx, logp, rest = losses.topk_teacher(x["ht"] @ x["wt"].T, 5, TEMPERATURE, LIMIT)
 
   def fused(hs, ws):
-    return fused_loss.fused_kd_loss_topk(hs, ws, idx, logp, kind, TEMPERATURE, x["mask"], LIMIT,
-                                         CHUNK, teacher_rest=rest)[0]
+    return fused_loss.fused_distill_loss(hs, ws, kind=kind, temperature=TEMPERATURE,
+                                         mask=x["mask"], vocab_limit=LIMIT, chunk_size=CHUNK,
+                                         teacher_topk=(idx, logp, rest))[0]
 
   got, got_g = jax.jit(jax.value_and_grad(fused, (0, 1)))(x["hs"], x["ws"])
   want_rest = ref.tail_logprob(_f64(x["ht"]) @ _f64(x["wt"]).T, idx, TEMPERATURE, LIMIT)

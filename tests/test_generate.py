@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import cbd_jax
-from cbd_jax import model
-from cbd_jax.config import ModelConfig
-from cbd_jax.generate import generate
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.generate import generate
 
 
 def test_greedy_cached_generation_matches_uncached_forward():
@@ -35,7 +35,7 @@ def test_prefill_logits_match_forward_and_eos_masks_the_rest():
                        max_position_embeddings=32)
   params = cbd_jax.init_params(config, jax.random.key(2))
   ids = jax.random.randint(jax.random.key(3), (2, 7), 0, 32)
-  logits, _ = model.apply_cached(config, params, ids, model.init_cache(config, 2, 10), 0)
+  logits, _ = decoder.apply_cached(config, params, ids, decoder.init_cache(config, 2, 10), 0)
   np.testing.assert_allclose(logits, cbd_jax.forward(config, params, ids), atol=1e-5)
   tokens, keep = generate(config, params, ids, jnp.ones_like(ids), jax.random.key(4), 12,
                           temperature=1.0, eos_id=int(ids[0, 0]))
@@ -72,7 +72,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
   import torch
   import transformers
 
-  from cbd_jax import hf_io
+  from cbd_jax.checkpoints import hf_io
 
   config = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=2, num_heads=2,
                        num_kv_heads=2, head_dim=16, intermediate_size=128, tie_embeddings=True,

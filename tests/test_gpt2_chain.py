@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from launch_env import user_env
 
-from cbd_jax import sizing
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.interpolation import sizing
+from cbd_jax.model.config import ModelConfig, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

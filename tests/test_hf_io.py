@@ -14,10 +14,10 @@ import transformers
 from hf_models import tiny_hf_model, torch_logits
 
 import cbd_jax
-from cbd_jax import assets, convert
-from cbd_jax.config import ModelConfig
-from cbd_jax.hf_config import ConfigError
-from cbd_jax.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from cbd_jax.checkpoints import assets, convert
+from cbd_jax.checkpoints.hf_config import ConfigError
+from cbd_jax.checkpoints.safetensors_io import CheckpointError, read_safetensors, write_safetensors
+from cbd_jax.model.config import ModelConfig
 
 
 def _leaves_equal(a, b):
@@ -419,7 +419,7 @@ def test_config_json_numbers_of_the_wrong_type(tmp_path, saved_llama):
 def test_tokenizer_larger_than_the_vocabulary_is_reported(tmp_path, caplog):
   params = cbd_jax.init_params(TINY, jax.random.key(0))
   cbd_jax.save_hf(TINY, params, tmp_path / "m", tokenizer=_word_tokenizer(70))
-  with caplog.at_level("WARNING", logger="cbd_jax.hf_io"):
+  with caplog.at_level("WARNING", logger="cbd_jax.checkpoints.hf_io"):
     config, _ = cbd_jax.load_hf(tmp_path / "m")
   assert config.real_vocab_size is None
   assert (f"{tmp_path / 'm'}: the tokenizer has 70 tokens but the model only 64 embedding rows"

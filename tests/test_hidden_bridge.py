@@ -5,10 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import hidden_bridge, model
-from cbd_jax.config import ModelConfig
+from cbd_jax.distill import hidden_bridge
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
 
-_loss_sum = jax.jit(hidden_bridge.hidden_loss_sum, static_argnames="kind")
+
+def _one_state_sum(s, t, projector=None, kind="mse", mask=None):
+  """The loss of one student state against one teacher state: a layer map of one entry."""
+  return hidden_bridge.layered_hidden_loss_sum(s[None], t[None], np.zeros(1, np.int32), projector,
+                                               kind, mask)
+
+
+_loss_sum = jax.jit(_one_state_sum, static_argnames="kind")
 _layered_sum = jax.jit(hidden_bridge.layered_hidden_loss_sum, static_argnames="kind")
 
 
@@ -66,9 +74,9 @@ def test_lstsq_on_model_activations_beats_identity_and_orthogonal():
                       intermediate_size=64, vocab_size=64)
   big = small.replace(hidden_size=48, num_heads=3, num_kv_heads=3, num_layers=3)
   ids = jax.random.randint(jax.random.PRNGKey(6), (4, 32), 0, 64)
-  apply = jax.jit(model.apply_hidden, static_argnums=0)
-  s_hidden, _ = apply(small, model.init_params(small, jax.random.PRNGKey(7)), ids)
-  t_hidden, _ = apply(big, model.init_params(big, jax.random.PRNGKey(8)), ids)
+  apply = jax.jit(decoder.apply_hidden, static_argnums=0)
+  s_hidden, _ = apply(small, decoder.init_params(small, jax.random.PRNGKey(7)), ids)
+  t_hidden, _ = apply(big, decoder.init_params(big, jax.random.PRNGKey(8)), ids)
   fit, held = slice(0, 3), slice(3, 4)
   projs = {
       "identity": hidden_bridge.init_projector(32, 48),
@@ -96,7 +104,7 @@ def test_hidden_losses_match_numpy_with_mask_and_gradients():
     np.testing.assert_allclose(total, (ref * mask).sum(), rtol=1e-5)
     assert float(count) == mask.sum()
   grads = jax.jit(jax.grad(
-      lambda p, s_, t_: hidden_bridge.hidden_loss_sum(s_, t_, p, "cosine", mask)[0], (0, 1, 2)))(
+      lambda p, s_, t_: _one_state_sum(s_, t_, p, "cosine", mask)[0], (0, 1, 2)))(
           proj, s, t)
   assert np.asarray(grads[0]["weight"]).any() and np.asarray(grads[1]).any()
   assert not np.asarray(grads[2]).any()
@@ -132,7 +140,7 @@ def test_bad_arguments_raise_one_line_errors():
   with pytest.raises(ValueError, match="paired activations"):
     hidden_bridge.init_projector(4, 4, "lstsq")
   with pytest.raises(ValueError, match="hidden size to the teacher"):
-    hidden_bridge.hidden_loss_sum(_x((2, 3, 4)), _x((2, 3, 5)))
+    _one_state_sum(_x((2, 3, 4)), _x((2, 3, 5)))
 
 
 TEACHER_CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=2,
@@ -141,20 +149,25 @@ TEACHER_CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_lay
 
 def _hidden_distance(student, s_params, teacher, t_params, ids, loss):
   """Mean over tokens and student states of the hidden loss, computed directly (no step)."""
-  from cbd_jax.train_step import hidden_setup
+  from cbd_jax.distill.train_step import hidden_setup
 
   layers, projector, kind = hidden_setup(student, teacher, loss)
-  _, s = model.apply_hidden(student, s_params, ids, output_hidden=True)
-  _, t = model.apply_hidden(teacher, t_params, ids, output_hidden=True)
+  _, s = decoder.apply_hidden(student, s_params, ids, output_hidden=True)
+  _, t = decoder.apply_hidden(teacher, t_params, ids, output_hidden=True)
   total, count = hidden_bridge.layered_hidden_loss_sum(s, t, layers, projector, kind)
   return float(total) / float(count)
 
 
 @pytest.mark.parametrize(("width", "projector"), [(32, "identity"), (24, "orthogonal")])
 def test_hidden_distillation_moves_student_states_toward_the_teacher(width, projector):
-  from cbd_jax.sharding import make_mesh
-  from cbd_jax.source import init_host_params
-  from cbd_jax.train_step import LossSettings, make_init_state, make_optimizer, make_train_step
+  from cbd_jax.chain.source import init_host_params
+  from cbd_jax.distill.train_step import (
+    LossSettings,
+    make_init_state,
+    make_optimizer,
+    make_train_step,
+  )
+  from cbd_jax.model.sharding import make_mesh
 
   student = TEACHER_CFG.replace(hidden_size=width, num_layers=2, head_dim=width // 2)
   teacher_params = init_host_params(TEACHER_CFG, 1)

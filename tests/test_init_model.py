@@ -11,8 +11,11 @@ import tokenizers
 from launch_env import user_env
 from random_params import random_params
 
-from cbd_jax import calibrate, heldout, hf_io, model, resize, sizing, target
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.checkpoints import hf_io
+from cbd_jax.evaluation import heldout
+from cbd_jax.interpolation import calibrate, sizing, target
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import ModelConfig, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ("The river runs past the old mill and the town. Farmers bring grain to the market on "
@@ -105,7 +108,7 @@ def test_end_to_end_folder_loads_in_transformers(anchors):
       real_vocab_size=config.real_vocab_size, bos_token_id=config.bos_token_id,
       eos_token_id=config.eos_token_id)
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
-  ours = np.asarray(model.forward(config, params, ids))
+  ours = np.asarray(decoder.forward(config, params, ids))
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
   with torch.no_grad():
     theirs = hf(torch.as_tensor(ids)).logits.numpy()
@@ -199,8 +202,8 @@ def test_calibration_reads_only_the_calibration_text(anchors, tmp_path):
         seq_len=16, eval_tokens=136, calib_tokens=170, dtype="bfloat16", log=lines.append))
     assert any("held-out perplexity on 128 tokens" in line for line in lines), lines
   a, b = (hf_io.load_hf(tmp_path / f"t{i}")[1] for i in range(2))
-  jax_equal = [np.array_equal(x, y) for x, y in zip(resize.flatten(a).values(),
-                                                      resize.flatten(b).values(), strict=True)]
+  jax_equal = [np.array_equal(x, y) for x, y in zip(layout.flatten(a).values(),
+                                                    layout.flatten(b).values(), strict=True)]
   assert all(jax_equal)  # The held-out text changed; the target did not.
   first = summaries[0]
   # Two calibration rows of 128 tokens: the fewest whole rows that hold 170 tokens.

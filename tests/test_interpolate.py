@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from cbd_jax import align, interpolate, model, resize
-from cbd_jax.config import FAMILIES, ModelConfig, num_params
+import cbd_jax
+from cbd_jax.evaluation import heldout
+from cbd_jax.interpolation import align, mixing, resize
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import FAMILIES, ModelConfig, num_params
 
 
 def _config(family, **kw):
@@ -22,34 +25,35 @@ def test_alpha_one_and_zero_return_the_anchors_exactly(family):
   config = _config(family)
   small, large = random_params(config, 0), random_params(config, 1)
   for alpha, expect in ((1.0, small), (0.0, large)):
-    for rule in interpolate.MIXES:
-      out = interpolate.interpolate((config, small), (config, large), config, alpha,
-                                    rule=rule, align_units=False)
+    for mix in mixing.MIXES:
+      out = mixing.interpolate((config, small), (config, large), config, alpha, mix=mix,
+                               align_units=False)
       jax.tree.map(np.testing.assert_array_equal, out, expect)
   # Aligned, the large endpoint is the large anchor with its units reordered: the same function.
   ids = np.random.default_rng(3).integers(0, 53, (2, 6))
-  out = interpolate.interpolate((config, small), (config, large), config, 0.0)
-  np.testing.assert_allclose(model.forward(config, out, ids), model.forward(config, large, ids),
+  out = cbd_jax.interpolate((config, small), (config, large), config, 0.0)  # The public name.
+  np.testing.assert_allclose(decoder.forward(config, out, ids), decoder.forward(config, large, ids),
                              atol=1e-5, rtol=0)
-  half = interpolate.interpolate((config, small), (config, large), config, 0.25,
-                                 align_units=False)
+  half = mixing.interpolate((config, small), (config, large), config, 0.25,
+                            align_units=False)
   jax.tree.map(lambda o, s, b: np.testing.assert_allclose(o, 0.25 * s + 0.75 * b, atol=1e-7),
                half, small, large)
 
 
 def _anchors(family="llama"):
-  small_cfg = _config(family)
-  large_cfg = small_cfg.replace(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
-                                intermediate_size=96)
-  return (small_cfg, random_params(small_cfg, 0)), (large_cfg, random_params(large_cfg, 1))
+  small_config = _config(family)
+  large_config = small_config.replace(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
+                                      intermediate_size=96)
+  small = (small_config, random_params(small_config, 0))
+  return small, (large_config, random_params(large_config, 1))
 
 
 def test_default_alpha_follows_parameter_counts():
   (s, _), (b, _) = _anchors()
   t = s.replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5, intermediate_size=64)
   p_s, p_b, p_t = num_params(s), num_params(b), num_params(t)
-  assert interpolate.default_alpha(s, b, t) == pytest.approx((p_b - p_t) / (p_b - p_s))
-  assert interpolate.default_alpha(s, b, s) == 1.0 and interpolate.default_alpha(s, b, b) == 0.0
+  assert mixing.default_alpha(s, b, t) == pytest.approx((p_b - p_t) / (p_b - p_s))
+  assert mixing.default_alpha(s, b, s) == 1.0 and mixing.default_alpha(s, b, b) == 0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,13 +61,12 @@ def test_between_sizes_equals_the_mix_of_grow_and_shrink(family):
   small, large = _anchors(family)
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
-  alpha = interpolate.default_alpha(small[0], large[0], target)
-  out = resize.flatten(interpolate.interpolate(small, large, target, rule="plain",
-                                               depth="identity", align_layers=False,
-                                               align_units=False))
-  grown = resize.flatten(resize.grow(*small, target))
-  shrunk = resize.flatten(resize.shrink(*large, target))
-  assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
+  alpha = mixing.default_alpha(small[0], large[0], target)
+  out = layout.flatten(mixing.interpolate(small, large, target, mix="plain", depth="identity",
+                                          align_layers=False, align_units=False))
+  grown = layout.flatten(resize.grow(*small, target))
+  shrunk = layout.flatten(resize.shrink(*large, target))
+  assert {p: x.shape for p, x in out.items()} == layout.param_shapes(target)
   for path, x in out.items():
     np.testing.assert_allclose(x, alpha * grown[path] + (1 - alpha) * shrunk[path], atol=1e-6)
 
@@ -73,9 +76,9 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   target = small[0].replace(num_layers=3, intermediate_size=64)
   alpha = 0.7
   kw = dict(depth="identity", align_layers=False, align_units=False)
-  plain = resize.flatten(interpolate.interpolate(small, large, target, alpha, "plain", **kw))
-  renorm = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole", **kw))
-  shrunk = resize.flatten(resize.shrink(*large, target))
+  plain = layout.flatten(mixing.interpolate(small, large, target, alpha, "plain", **kw))
+  renorm = layout.flatten(mixing.interpolate(small, large, target, alpha, "whole", **kw))
+  shrunk = layout.flatten(resize.shrink(*large, target))
   up, down = "layers/mlp/up/weight", "layers/mlp/down/weight"
   np.testing.assert_array_equal(renorm[up][:, 48:], shrunk[up][:, 48:])  # New neurons.
   np.testing.assert_allclose(plain[up][:, 48:], 0.3 * shrunk[up][:, 48:], atol=1e-7)
@@ -84,76 +87,80 @@ def test_renormalize_takes_the_large_anchor_where_grow_only_padded():
   np.testing.assert_array_equal(renorm[down][1], shrunk[down][1])
   np.testing.assert_array_equal(renorm[up][1, :48], plain[up][1, :48])
   # An all-zero new layer ("zero" depth) is taken whole from the large anchor.
-  zero = resize.flatten(interpolate.interpolate(small, large, target, alpha, "whole",
-                                                depth="zero", align_layers=False,
-                                                align_units=False))
+  zero = layout.flatten(mixing.interpolate(small, large, target, alpha, "whole",
+                                           depth="zero", align_layers=False,
+                                           align_units=False))
   for path, x in zero.items():
     if path.startswith("layers/"):
       np.testing.assert_array_equal(x[1], shrunk[path][1], err_msg=path)
 
 
-def test_sweep_scores_each_alpha_by_the_targets_own_loss():
+def test_choose_alpha_scores_each_alpha_by_the_targets_own_loss():
   small, large = _anchors()
   target = small[0].replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
   ids = np.random.default_rng(2).integers(0, 53, (3, 12))
-  for rule in interpolate.MIXES:
-    best, losses = interpolate.sweep_alpha(small, large, target, ids, alphas=(0.0, 0.4, 1.0),
-                                           rule=rule)
+  views = mixing.anchor_views(small, large, target)
+  for mix in mixing.MIXES:
+    best, losses = mixing.choose_alpha(target, views, mix, ids, grid=(0.0, 0.4, 1.0),
+                                       refinements=0)
     assert set(losses) == {0.0, 0.4, 1.0} and best == min(losses, key=losses.get)
     for alpha in (0.0, 0.4):
-      params = interpolate.interpolate(small, large, target, alpha, rule)
-      assert losses[alpha] == pytest.approx(interpolate.heldout_loss(target, params, ids),
-                                            rel=1e-5)
+      params = mixing.interpolate(small, large, target, alpha, mix)
+      assert losses[alpha] == pytest.approx(heldout.mean_nll(target, params, ids), rel=1e-5)
+  _, refined = mixing.choose_alpha(target, views, "output", ids, grid=(0.0, 0.5, 1.0))
+  assert len(refined) == 3 + 2 * 2  # Two refinements: two new points each.
 
 
-def test_heldout_loss_is_mean_next_token_cross_entropy_over_real_vocab():
+def test_mean_nll_is_mean_next_token_cross_entropy_over_real_vocab():
   config = _config("qwen2", real_vocab_size=50)
   params = random_params(config, 3)
   ids = np.random.default_rng(4).integers(0, 50, (2, 7))
-  logits = np.asarray(model.forward(config, params, ids[:, :-1]), np.float64)[..., :50]
+  logits = np.asarray(decoder.forward(config, params, ids[:, :-1]), np.float64)[..., :50]
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   want = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
-  assert interpolate.heldout_loss(config, params, ids, batch_size=1) == pytest.approx(want, 1e-5)
+  assert heldout.mean_nll(config, params, ids, batch_size=1) == pytest.approx(want, 1e-5)
 
 
 def test_bad_inputs_are_refused():
   small, large = _anchors()
   with pytest.raises(ValueError, match="outside"):
-    interpolate.interpolate(small, large, small[0], alpha=1.5)
+    mixing.interpolate(small, large, small[0], alpha=1.5)
   other = (_config("gpt2"), random_params(_config("gpt2"), 5))
   with pytest.raises(ValueError, match="families differ"):
-    interpolate.interpolate(small, other, small[0])
+    mixing.interpolate(small, other, small[0])
 
 
 def test_layers_are_aligned_with_their_counterparts_in_the_large_anchor():
-  large_cfg = _config("llama", num_layers=9)
-  large = random_params(large_cfg, 6)
-  small_cfg = large_cfg.replace(num_layers=4)
+  large_config = _config("llama", num_layers=9)
+  large = random_params(large_config, 6)
+  small_config = large_config.replace(num_layers=4)
   kept = [0, 1, 5, 8]  # The small anchor descends from these large layers, slightly changed.
-  small = resize.shrink(large_cfg, large, small_cfg, layer_select=np.isin(np.arange(9), kept))
+  small = resize.shrink(large_config, large, small_config, layer_select=np.isin(np.arange(9), kept))
   small = jax.tree.map(lambda x: x + 0.01 * np.random.default_rng(7).standard_normal(x.shape),
                        small)
-  target = large_cfg.replace(num_layers=7)
-  small_map, large_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7)
+  target = large_config.replace(num_layers=7)
+  small_map, large_map = align.aligned_depth_maps(small_config, small, large_config, large, 7)
   # Every target layer is a large layer: the counterparts 0, 1, 5, 8 and three of the others,
   # evenly spread; the small layers sit with their counterparts, the rest are new (-1).
   np.testing.assert_array_equal(large_map.src[:, 0], [0, 1, 3, 4, 5, 6, 8])
   np.testing.assert_array_equal(small_map.src[:, 0], [0, 1, -1, -1, 2, -1, 3])
   scores = np.arange(9.0)  # Prefer the deepest free layers instead.
-  by_score = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, large_scores=scores)
+  by_score = align.aligned_depth_maps(small_config, small, large_config, large, 7,
+                                      large_scores=scores)
   np.testing.assert_array_equal(by_score[1].src[:, 0], [0, 1, 4, 5, 6, 7, 8])
   ids = np.random.default_rng(9).integers(0, 53, (2, 6))
-  reference = model.forward(small_cfg, small, ids)
+  reference = decoder.forward(small_config, small, ids)
   for depth in ("zero", "identity"):  # Grow(small) on the aligned layout keeps its function.
-    small_map = align.aligned_depth_maps(small_cfg, small, large_cfg, large, 7, depth)[0]
-    grown = resize.resize(small_cfg, small, target, fill="zero", depth=depth, layer_map=small_map)
-    np.testing.assert_allclose(model.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
-  mixed = resize.flatten(interpolate.interpolate((small_cfg, small), (large_cfg, large), target,
-                                                 0.5))
+    small_map = align.aligned_depth_maps(small_config, small, large_config, large, 7, depth)[0]
+    grown = resize.resize(small_config, small, target, fill="zero", depth=depth,
+                          layer_map=small_map)
+    np.testing.assert_allclose(decoder.forward(target, grown, ids), reference, atol=1e-5, rtol=0)
+  mixed = layout.flatten(mixing.interpolate((small_config, small), (large_config, large), target,
+                                            0.5))
   scale = "layers/attn_norm/scale"
-  np.testing.assert_allclose(mixed[scale][4], 0.5 * resize.flatten(small)[scale][2]
-                             + 0.5 * resize.flatten(large)[scale][5], atol=1e-6)
+  np.testing.assert_allclose(mixed[scale][4], 0.5 * layout.flatten(small)[scale][2]
+                             + 0.5 * layout.flatten(large)[scale][5], atol=1e-6)
 
 
 def test_monotone_layer_matching_recovers_a_noisy_subset():
@@ -171,29 +178,29 @@ def test_units_of_an_importance_shrunk_anchor_are_aligned_with_their_counterpart
   channels, neurons, kv groups and heads. Aligning reorders the large anchor without changing its
   function, so that Shrink of it to the small shape gives the small anchor back: every mix of
   the two is then the small anchor (up to the noise added to it), whatever alpha."""
-  large_cfg = _config(family, num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
-                      intermediate_size=96)
-  small_cfg = _config(family, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
-                      intermediate_size=48)
-  large = random_params(large_cfg, 11)
-  clean = resize.shrink(large_cfg, large, small_cfg, method="weight_norm")
+  large_config = _config(family, num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3,
+                         intermediate_size=96)
+  small_config = _config(family, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                         intermediate_size=48)
+  large = random_params(large_config, 11)
+  clean = resize.shrink(large_config, large, small_config, method="weight_norm")
   rng = np.random.default_rng(12)
   small = jax.tree.map(lambda x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype), clean)
   ids = rng.integers(0, 53, (2, 6))
   before = jax.tree.map(np.copy, large)
   for extras in ("leading", "weight_norm"):
-    aligned = align.align_units(small_cfg, small, large_cfg, large, extras=extras)
-    np.testing.assert_allclose(model.forward(large_cfg, aligned, ids),
-                               model.forward(large_cfg, large, ids), atol=1e-5, rtol=0)
+    aligned = align.align_units(small_config, small, large_config, large, extras=extras)
+    np.testing.assert_allclose(decoder.forward(large_config, aligned, ids),
+                               decoder.forward(large_config, large, ids), atol=1e-5, rtol=0)
     jax.tree.map(lambda a, c: np.testing.assert_array_equal(a, c), clean,
-                 resize.shrink(large_cfg, aligned, small_cfg))
+                 resize.shrink(large_config, aligned, small_config))
   jax.tree.map(np.testing.assert_array_equal, large, before)  # The caller's params are kept.
   for alpha in (0.0, 0.4):
-    out = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, alpha)
+    out = mixing.interpolate((small_config, small), (large_config, large), small_config, alpha)
     jax.tree.map(lambda o, s, c, a=alpha: np.testing.assert_allclose(
         o, a * s + (1 - a) * c, atol=1e-6), out, small, clean)
-  unaligned = interpolate.interpolate((small_cfg, small), (large_cfg, large), small_cfg, 0.0,
-                                      align_units=False)
+  unaligned = mixing.interpolate((small_config, small), (large_config, large), small_config, 0.0,
+                                 align_units=False)
   worst = max(jax.tree.leaves(jax.tree.map(lambda o, c: float(np.abs(o - c).max()), unaligned,
                                            clean)))
   assert worst > 0.1  # Without alignment the mix pairs unrelated units.

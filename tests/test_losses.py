@@ -9,13 +9,32 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cbd_jax import losses
+from cbd_jax.distill import losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kd_reference as ref  # noqa: E402
 
 B, T, V = 3, 7, 19
 LIMIT = 16
+
+
+def _mean(total, count):
+  return jnp.where(count > 0, total / jnp.maximum(count, 1e-30), 0.0)
+
+
+def kd_loss(*args, **kwargs):
+  """Token-weighted mean of `losses.kd_loss_sum`."""
+  return _mean(*losses.kd_loss_sum(*args, **kwargs))
+
+
+def kd_loss_topk(*args, **kwargs):
+  """Token-weighted mean of `losses.kd_loss_topk_sum`."""
+  return _mean(*losses.kd_loss_topk_sum(*args, **kwargs))
+
+
+def cross_entropy(*args, **kwargs):
+  """Token-weighted mean of `losses.cross_entropy_sum`."""
+  return _mean(*losses.cross_entropy_sum(*args, **kwargs))
 
 
 def _logits(seed, scale=3.0, shape=(B, T, V)):
@@ -57,7 +76,7 @@ def test_kd_loss_matches_float64_reference(kind):
   s, t = _logits(0), _logits(1)
   mask = np.asarray(jax.random.bernoulli(jax.random.PRNGKey(2), 0.6, (B, T)))
   temperature, skew, beta = 1.7, 0.3, 0.35
-  got = losses.kd_loss(s, t, kind, temperature, mask, LIMIT, skew=skew, beta=beta)
+  got = kd_loss(s, t, kind, temperature, mask, LIMIT, skew=skew, beta=beta)
   per = _ref_per_token(s, t, kind, temperature, LIMIT, skew, beta)
   want = (per * mask).sum() / mask.sum()
   assert got.dtype == jnp.float32
@@ -78,15 +97,15 @@ def test_divergence_of_a_distribution_with_itself_is_zero_and_otherwise_positive
 
 def test_jsd_limits_are_forward_and_reverse_kl():
   s, t = _logits(5, 1.0), _logits(6, 1.0)
-  fkl = losses.kd_loss(s, t, "fkl")
-  rkl = losses.kd_loss(s, t, "rkl")
+  fkl = kd_loss(s, t, "fkl")
+  rkl = kd_loss(s, t, "rkl")
   eps = 1e-3
-  np.testing.assert_allclose(losses.kd_loss(s, t, "jsd", beta=eps) / eps, fkl, rtol=5e-3)
-  np.testing.assert_allclose(losses.kd_loss(s, t, "jsd", beta=1 - eps) / eps, rkl, rtol=5e-3)
-  np.testing.assert_allclose(losses.kd_loss(s, t, "jsd", beta=0.0), fkl, rtol=1e-6)
-  np.testing.assert_allclose(losses.kd_loss(s, t, "jsd", beta=1.0), rkl, rtol=1e-6)
-  np.testing.assert_allclose(losses.kd_loss(s, t, "skew_fkl", skew=0.0), fkl, rtol=1e-6)
-  np.testing.assert_allclose(losses.kd_loss(s, t, "skew_rkl", skew=0.0), rkl, rtol=1e-6)
+  np.testing.assert_allclose(kd_loss(s, t, "jsd", beta=eps) / eps, fkl, rtol=5e-3)
+  np.testing.assert_allclose(kd_loss(s, t, "jsd", beta=1 - eps) / eps, rkl, rtol=5e-3)
+  np.testing.assert_allclose(kd_loss(s, t, "jsd", beta=0.0), fkl, rtol=1e-6)
+  np.testing.assert_allclose(kd_loss(s, t, "jsd", beta=1.0), rkl, rtol=1e-6)
+  np.testing.assert_allclose(kd_loss(s, t, "skew_fkl", skew=0.0), fkl, rtol=1e-6)
+  np.testing.assert_allclose(kd_loss(s, t, "skew_rkl", skew=0.0), rkl, rtol=1e-6)
 
 
 def test_forward_kl_gradient_is_temperature_times_q_minus_p():
@@ -120,10 +139,10 @@ def test_vocab_limit_ignores_padded_columns():
   padded_s = s.at[..., LIMIT:].set(50.0)
   padded_t = t.at[..., LIMIT:].set(-50.0)
   for kind in losses.KINDS:
-    want = losses.kd_loss(s[..., :LIMIT], t[..., :LIMIT], kind)
-    np.testing.assert_allclose(losses.kd_loss(padded_s, padded_t, kind, vocab_limit=LIMIT), want,
+    want = kd_loss(s[..., :LIMIT], t[..., :LIMIT], kind)
+    np.testing.assert_allclose(kd_loss(padded_s, padded_t, kind, vocab_limit=LIMIT), want,
                                rtol=1e-6)
-  assert abs(float(losses.kd_loss(padded_s, padded_t)) - float(losses.kd_loss(s, t))) > 1.0
+  assert abs(float(kd_loss(padded_s, padded_t)) - float(kd_loss(s, t))) > 1.0
 
 
 def test_sums_aggregate_exactly_over_a_split_batch():
@@ -132,12 +151,12 @@ def test_sums_aggregate_exactly_over_a_split_batch():
   parts = [losses.kd_loss_sum(s[i:i + 1], t[i:i + 1], "rkl", 2.0, mask[i:i + 1])
            for i in range(B)]
   total = sum(float(p[0]) for p in parts) / sum(float(p[1]) for p in parts)
-  np.testing.assert_allclose(total, losses.kd_loss(s, t, "rkl", 2.0, mask), rtol=1e-6)
+  np.testing.assert_allclose(total, kd_loss(s, t, "rkl", 2.0, mask), rtol=1e-6)
 
 
 def test_empty_mask_gives_zero_not_nan():
   s, t = _logits(16), _logits(17)
-  assert float(losses.kd_loss(s, t, mask=np.zeros((B, T), bool))) == 0.0
+  assert float(kd_loss(s, t, mask=np.zeros((B, T), bool))) == 0.0
 
 
 def test_cross_entropy_matches_reference_and_ignores_negative_labels():
@@ -152,13 +171,13 @@ def test_cross_entropy_matches_reference_and_ignores_negative_labels():
   picked = np.take_along_axis(lq, np.clip(labels, 0, None)[..., None], -1)[..., 0]
   np.testing.assert_allclose(total, -(picked * keep).sum(), rtol=1e-5)
   assert float(count) == keep.sum() == B * T - 2
-  np.testing.assert_allclose(losses.cross_entropy(z, labels, mask, LIMIT), total / count,
+  np.testing.assert_allclose(cross_entropy(z, labels, mask, LIMIT), total / count,
                              rtol=1e-6)
 
 
 def test_bfloat16_logits_are_computed_in_float32():
   s, t = _logits(20).astype(jnp.bfloat16), _logits(21).astype(jnp.bfloat16)
-  got = losses.kd_loss(s, t, "fkl", 2.0)
+  got = kd_loss(s, t, "fkl", 2.0)
   assert got.dtype == jnp.float32
   want = _ref_per_token(np.asarray(s, np.float32), np.asarray(t, np.float32), "fkl", 2.0, V, 0,
                         0).mean()
@@ -171,8 +190,8 @@ def test_topk_with_k_equal_to_vocab_equals_dense(kind, missing):
   s, t = _logits(22), _logits(23)
   idx, logp, rest = losses.topk_teacher(t, LIMIT, 1.5, LIMIT)
   assert (np.asarray(rest) <= -1e29).all()  # Nothing outside a top-k of the whole vocabulary.
-  got = losses.kd_loss_topk(s, idx, logp, kind, 1.5, None, LIMIT, missing, teacher_rest=rest)
-  np.testing.assert_allclose(got, losses.kd_loss(s, t, kind, 1.5, None, LIMIT), rtol=1e-5)
+  got = kd_loss_topk(s, idx, logp, kind, 1.5, None, LIMIT, missing, teacher_rest=rest)
+  np.testing.assert_allclose(got, kd_loss(s, t, kind, 1.5, None, LIMIT), rtol=1e-5)
 
 
 def test_topk_tail_policy_is_the_bucketed_kl():
@@ -188,38 +207,38 @@ def test_topk_tail_policy_is_the_bucketed_kl():
   q_b = np.concatenate([q_k, 1 - q_k.sum(-1, keepdims=True)], -1)
   want = (p_b * np.log(p_b / q_b)).sum(-1).mean()
   np.testing.assert_allclose(rest, np.log(1 - p_k.sum(-1)), rtol=1e-5)
-  got = losses.kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "tail", teacher_rest=rest)
+  got = kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "tail", teacher_rest=rest)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  assert float(got) <= float(losses.kd_loss(s, t, "fkl", 1.0, None, LIMIT)) + 1e-6
+  assert float(got) <= float(kd_loss(s, t, "fkl", 1.0, None, LIMIT)) + 1e-6
   p_r, q_r = p_k / p_k.sum(-1, keepdims=True), q_k / q_k.sum(-1, keepdims=True)
   want_r = (p_r * np.log(p_r / q_r)).sum(-1).mean()
-  got_r = losses.kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "renormalize")
+  got_r = kd_loss_topk(s, idx, logp, "fkl", 1.0, None, LIMIT, "renormalize")
   np.testing.assert_allclose(got_r, want_r, rtol=1e-5)
 
 
 def test_teacher_gets_no_gradient():
   s, t = _logits(26), _logits(27)
   for kind in losses.KINDS:
-    grad_t = jax.grad(lambda z, k=kind: losses.kd_loss(s, z, k))(t)
+    grad_t = jax.grad(lambda z, k=kind: kd_loss(s, z, k))(t)
     assert not np.asarray(grad_t).any()
 
 
 def test_bad_arguments_raise_one_line_errors():
   s, t = _logits(28), _logits(29)
   with pytest.raises(ValueError, match="unknown KD kind"):
-    losses.kd_loss(s, t, "kl")
+    kd_loss(s, t, "kl")
   with pytest.raises(ValueError, match="differ in shape"):
-    losses.kd_loss(s, t[..., :5])
+    kd_loss(s, t[..., :5])
   with pytest.raises(ValueError, match="mask shape"):
-    losses.kd_loss(s, t, mask=np.ones((B,), bool))
+    kd_loss(s, t, mask=np.ones((B,), bool))
   with pytest.raises(ValueError, match="k=40"):
     losses.topk_teacher(t, 40)
   with pytest.raises(ValueError, match="missing-mass policy"):
-    losses.kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2], missing="drop")
+    kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2], missing="drop")
   with pytest.raises(ValueError, match="^missing='tail' needs teacher_rest, the log of the "):
-    losses.kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2])
+    kd_loss_topk(s, *losses.topk_teacher(t, 3)[:2])
   with pytest.raises(ValueError, match="beta"):
-    losses.kd_loss(s, t, "jsd", beta=1.5)
+    kd_loss(s, t, "jsd", beta=1.5)
 
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -250,7 +269,7 @@ def test_topk_loss_from_stored_values_is_finite_and_matches_float64(kind, dtype)
   idx, logp, rest = losses.topk_teacher(t, 4, 0.8, LIMIT)
   stored = np.asarray(logp).astype(DTYPES[dtype])
   assert (np.exp(stored.astype(np.float32)).sum(-1) >= 1).any()
-  got = losses.kd_loss_topk(s, idx, jnp.asarray(stored.astype(np.float32)), kind, 0.8, None,
+  got = kd_loss_topk(s, idx, jnp.asarray(stored.astype(np.float32)), kind, 0.8, None,
                             LIMIT, skew=0.3, beta=0.35, teacher_rest=rest)
   want = ref.kd_topk_per_token(s, idx, stored, rest, kind, 0.8, LIMIT, skew=0.3, beta=0.35)
   np.testing.assert_allclose(got, want.mean(), rtol=1e-5)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cbd_jax import manifest
+from cbd_jax.checkpoints import manifest
 
 SOURCE = {"path": "/models/src", "num_params": 1000, "config": {"family": "llama"}}
 DONE = {"name": "a1", "path": "anchors/a1", "status": "done", "num_params": 500,

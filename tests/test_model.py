@@ -9,7 +9,7 @@ import pytest
 from hf_models import tiny_hf_model, torch_logits
 
 import cbd_jax
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.model.config import ModelConfig, num_params
 
 CASES = [("llama", False, 2), ("llama", True, 4), ("llama", False, 1), ("qwen2", False, 2),
          ("qwen2", True, 4), ("qwen3", False, 2), ("qwen3", True, 4), ("gpt2", False, 4),
@@ -111,7 +111,7 @@ def test_tpu_flash_attention_equals_the_xla_path():
   """The Pallas TPU kernel, run by Pallas's TPU interpreter on CPU: values and gradients."""
   from jax.experimental.pallas import tpu as pltpu
 
-  from cbd_jax.model import tpu_flash_attention
+  from cbd_jax.model.decoder import tpu_flash_attention
 
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 128, h, 16)), jnp.float32) for h in (4, 2, 2))
@@ -126,12 +126,12 @@ def test_tpu_flash_attention_equals_the_xla_path():
 
 
 def test_attention_kernel_choice():
-  from cbd_jax.model import attention_impl
-  from cbd_jax.sharding import make_mesh
+  from cbd_jax.model.decoder import attention_impl
+  from cbd_jax.model.sharding import make_mesh
 
   assert attention_impl(jnp.bfloat16, True, 256) == "xla"  # CPU: XLA.
   pytest.importorskip("libtpu", reason="libtpu is not installed: no TPU devices to compile for")
-  from cbd_jax.aot import topology_devices
+  from cbd_jax.chain.aot import topology_devices
 
   with jax.set_mesh(make_mesh({"data": -1}, topology_devices("v5e:2x2"))):
     assert attention_impl(jnp.bfloat16, True, 256) == "tpu_flash"

@@ -26,10 +26,13 @@ def train(process_index: int, process_count: int):
   sys.path.insert(0, str(HERE))
   from test_train_step import LOSS, STUDENT, TEACHER, _batches, host_params, optimizer
 
-  from cbd_jax.chain import global_batch
-  from cbd_jax.chain import host_params as gather
-  from cbd_jax.sharding import make_mesh, tree_shardings
-  from cbd_jax.train_step import make_init_state, make_train_step, place_params
+  from cbd_jax.distill.train_step import (
+    make_init_state,
+    make_train_step,
+    place_params,
+  )
+  from cbd_jax.model.sharding import global_batch, make_mesh, tree_shardings
+  from cbd_jax.model.sharding import host_params as gather
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   opt, sched = optimizer()
@@ -59,10 +62,9 @@ def fill_cache(process_index: int, folder: Path) -> dict:
   sys.path.insert(0, str(HERE))
   from test_train_step import TEACHER, _batches, host_params
 
-  from cbd_jax import teacher_cache
-  from cbd_jax.link_driver import sync
-  from cbd_jax.sharding import DEFAULT_RULES, make_mesh, tree_shardings
-  from cbd_jax.train_step import place_params
+  from cbd_jax.distill import teacher_cache
+  from cbd_jax.distill.train_step import place_params
+  from cbd_jax.model.sharding import DEFAULT_RULES, make_mesh, sync, tree_shardings
 
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   teacher = host_params(TEACHER, 2)
@@ -150,8 +152,8 @@ def test_a_cache_fill_after_one_host_lost_steps_agrees_and_equals_one_process(tm
   import jax
   from test_train_step import TEACHER, _batches, host_params
 
-  from cbd_jax import teacher_cache
-  from cbd_jax.sharding import make_mesh
+  from cbd_jax.distill import teacher_cache
+  from cbd_jax.model.sharding import make_mesh
 
   topk = teacher_cache.make_topk(TEACHER, CACHE_K, 2.0, 32, make_mesh({"data": -1}), ())
   for step, batch in enumerate(_batches(3, CACHE_STEPS, MICRO, BATCH, SEQ)):

@@ -6,8 +6,12 @@ import pytest
 from hf_models import tiny_hf_model, torch_logits
 
 import cbd_jax
-from cbd_jax import assets, data, gguf_cache, heldout, hf_io, importance, prune, resize
-from cbd_jax.sharding import make_mesh, tree_shardings
+from cbd_jax import data
+from cbd_jax.checkpoints import assets, gguf_cache, hf_io
+from cbd_jax.evaluation import heldout
+from cbd_jax.interpolation import importance, prune, resize
+from cbd_jax.model import layout
+from cbd_jax.model.sharding import make_mesh, tree_shardings
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -24,7 +28,7 @@ def test_activation_shrink_at_the_teachers_own_shape_reproduces_its_logits(tmp_p
   config, params = cbd_jax.load_hf(tmp_path)
   rows = _rows(config.vocab_size)
   out, info = prune.shrink(config, params, config, "activation", rows)
-  flat_in, flat_out = resize.flatten(params), resize.flatten(out)
+  flat_in, flat_out = layout.flatten(params), layout.flatten(out)
   # The units really moved (a permutation that is the identity would prove nothing) ...
   assert any(not np.array_equal(np.asarray(flat_in[k]), flat_out[k]) for k in flat_in)
   # ... and the function is PyTorch's, to the tolerance of every parity test.

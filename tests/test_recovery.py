@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from launch_env import user_env
 
-from cbd_jax import assets, heldout, hf_io, metrics, recovery
-from cbd_jax.config import num_params
+from cbd_jax.chain import metrics, recovery
+from cbd_jax.checkpoints import assets, hf_io
+from cbd_jax.evaluation import heldout
+from cbd_jax.model.config import num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cbd_jax import cli
+from cbd_jax import cli, errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "--config=configs/qwen_chain.py:smoke"
@@ -68,7 +68,7 @@ def test_train_chain_bad_config_is_one_line(args, expected):
      "--config.chain[0].steps: no value; write --config.chain[0].steps=VALUE"),
 ])
 def test_load_config_errors(spec, overrides, expected):
-  with pytest.raises(cli.UsageError) as e:
+  with pytest.raises(errors.UsageError) as e:
     cli.load_config(spec, overrides)
   assert str(e.value) == expected
 
@@ -85,7 +85,7 @@ def test_bad_flags_are_one_line(args, expected):
 
 
 def test_damaged_download_archive_names_the_file_and_the_fix(tmp_path):
-  from cbd_jax import assets
+  from cbd_jax.checkpoints import assets
 
   wheel = tmp_path / "gensim.whl"
   wheel.write_bytes(b"PK\x03\x04 cut short")
@@ -98,12 +98,12 @@ def test_damaged_download_archive_names_the_file_and_the_fix(tmp_path):
 
 def test_debug_shows_the_traceback(monkeypatch):
   def main(args):
-    raise cli.UsageError("bad")
+    raise errors.UsageError("bad")
 
-  with pytest.raises(cli.UsageError, match="bad"):  # Raised as is: Python prints the traceback.
+  with pytest.raises(errors.UsageError, match="bad"):  # Raised as is: Python prints the traceback.
     cli.run(main, ["--debug"])
   monkeypatch.setenv("CBD_DEBUG", "1")
-  with pytest.raises(cli.UsageError, match="bad"):
+  with pytest.raises(errors.UsageError, match="bad"):
     cli.run(main, [])
 
 
@@ -147,8 +147,10 @@ def test_run_maps_faults_to_exit_codes(capsys):
 CHILD = """
 import os, sys, time
 import jax
-from cbd_jax import cli, hf_io, model
-from cbd_jax.config import ModelConfig
+from cbd_jax import cli
+from cbd_jax.checkpoints import hf_io
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=16, intermediate_size=128)
@@ -167,7 +169,7 @@ def main(args):
       time.sleep(120)
       return names
     hf_io.save_sharded = written_then_wait
-  hf_io.save_hf(CONFIG, model.init_params(CONFIG, jax.random.key(0)), path)
+  hf_io.save_hf(CONFIG, decoder.init_params(CONFIG, jax.random.key(0)), path)
   return 0
 
 
@@ -219,8 +221,9 @@ def test_kill_9_during_export_leaves_nothing_and_the_next_export_cleans_up(tmp_p
 
   import jax
 
-  from cbd_jax import hf_io, model
-  from cbd_jax.config import ModelConfig
+  from cbd_jax.checkpoints import hf_io
+  from cbd_jax.model import decoder
+  from cbd_jax.model.config import ModelConfig
 
   out = tmp_path / "anchor"
   proc = _export_until_written(child, out)
@@ -231,7 +234,7 @@ def test_kill_9_during_export_leaves_nothing_and_the_next_export_cleans_up(tmp_p
   assert (tmp_path / partial[0] / "model.safetensors").exists()  # Killed after the weights.
   tiny = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                      head_dim=16, intermediate_size=64)
-  hf_io.save_hf(tiny, model.init_params(tiny, jax.random.key(1)), tmp_path / "next")
+  hf_io.save_hf(tiny, decoder.init_params(tiny, jax.random.key(1)), tmp_path / "next")
   assert [p.name for p in tmp_path.iterdir()] == ["next"]
   assert hf_io.load_hf(tmp_path / "next")[0] == tiny
 
@@ -280,12 +283,13 @@ def _damaged_model(folder: Path, kind: str) -> Path:
   """A saved tiny model with its config.json or weights damaged in one way."""
   import jax
 
-  from cbd_jax import hf_io, model
-  from cbd_jax.config import ModelConfig
+  from cbd_jax.checkpoints import hf_io
+  from cbd_jax.model import decoder
+  from cbd_jax.model.config import ModelConfig
 
   tiny = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                      head_dim=16, intermediate_size=64)
-  hf_io.save_hf(tiny, model.init_params(tiny, jax.random.key(0)), folder)
+  hf_io.save_hf(tiny, decoder.init_params(tiny, jax.random.key(0)), folder)
   weights = folder / "model.safetensors"
   if kind == "config_list":
     (folder / "config.json").write_text('["llama"]')
@@ -314,7 +318,7 @@ def test_forward_checks_ids_and_gpt2_length_on_the_host():
   import numpy as np
 
   import cbd_jax
-  from cbd_jax.config import ModelConfig, check_ids
+  from cbd_jax.model.config import ModelConfig, check_ids
 
   config = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
                        num_kv_heads=2, head_dim=16, intermediate_size=128, tie_embeddings=True,

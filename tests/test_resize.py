@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from cbd_jax import model, resize
-from cbd_jax.config import FAMILIES, ModelConfig
+from cbd_jax.interpolation import resize
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import FAMILIES, ModelConfig
 
 TIED = {"llama": True, "qwen2": False, "qwen3": False, "gpt2": True}
 
@@ -23,7 +24,7 @@ def _config(family, **kw):
 
 @functools.cache
 def _forward(config):
-  return jax.jit(functools.partial(model.forward, config))
+  return jax.jit(functools.partial(decoder.forward, config))
 
 
 IDS = np.random.default_rng(1).integers(0, 61, (2, 9))
@@ -33,14 +34,14 @@ IDS = np.random.default_rng(1).integers(0, 61, (2, 9))
 @pytest.mark.parametrize("tie", [False, True])
 def test_param_shapes_cover_every_leaf_of_the_model(family, tie):
   config = _config(family, tie_embeddings=tie)
-  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
-  got = {p: tuple(x.shape) for p, x in resize.flatten(shapes).items()}
-  assert got == resize.param_shapes(config)
+  shapes = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
+  got = {p: tuple(x.shape) for p, x in layout.flatten(shapes).items()}
+  assert got == layout.param_shapes(config)
   target = config.replace(num_layers=3, hidden_size=40, num_heads=5, num_kv_heads=5,
                           intermediate_size=64, max_position_embeddings=40)
   for fn in (resize.grow, resize.shrink):
-    out = resize.flatten(fn(config, random_params(config), target))
-    assert {p: x.shape for p, x in out.items()} == resize.param_shapes(target)
+    out = layout.flatten(fn(config, random_params(config), target))
+    assert {p: x.shape for p, x in out.items()} == layout.param_shapes(target)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,9 +70,9 @@ def test_repeated_layers_are_copies_and_identity_layers_add_nothing():
   source = _config("gpt2", num_layers=3)
   params = random_params(source)
   target = source.replace(num_layers=5)
-  flat = resize.flatten(params)
-  repeat = resize.flatten(resize.grow(source, params, target, depth="repeat"))
-  ident = resize.flatten(resize.grow(source, params, target, depth="identity"))
+  flat = layout.flatten(params)
+  repeat = layout.flatten(resize.grow(source, params, target, depth="repeat"))
+  ident = layout.flatten(resize.grow(source, params, target, depth="identity"))
   # Source layers at round(linspace(0, 4, 3)) = 0, 2, 4; layers 1 and 3 follow layers 0 and 1.
   for path, x in flat.items():
     if path.startswith("layers/"):
@@ -104,9 +105,9 @@ def test_shrink_after_net2net_grow_keeps_inputs_and_halves_what_doubled_units_fe
   source = _config("llama")
   params = random_params(source)
   target = source.replace(intermediate_size=96, num_heads=8, num_kv_heads=4)  # Each unit twice.
-  back = resize.flatten(resize.shrink(target, resize.grow(source, params, target, "net2net"),
+  back = layout.flatten(resize.shrink(target, resize.grow(source, params, target, "net2net"),
                                       source))
-  for path, x in resize.flatten(params).items():
+  for path, x in layout.flatten(params).items():
     halved = path in ("layers/mlp/down/weight", "layers/attn/o/weight")
     np.testing.assert_allclose(back[path], x / 2 if halved else x, rtol=1e-6)
 
@@ -115,15 +116,15 @@ def _index_params(config):
   """Every leaf holds, along each axis of kind D, F or H, that unit's index + 1 (times 1000 ** n
   for the n-th of those kinds), so a mapped leaf tells which source units it came from."""
   flat = {}
-  for path, spec in resize.leaf_specs(config).items():
-    x = np.ones([resize.axis_sizes(config)[k] for k, _ in spec], np.float64)
+  for path, spec in layout.leaf_specs(config).items():
+    x = np.ones([layout.axis_sizes(config)[k] for k, _ in spec], np.float64)
     for axis, (kind, _) in enumerate(spec):
       if kind in ("D", "F", "H"):
         shape = [1] * len(spec)
         shape[axis] = x.shape[axis]
         x = x * (np.arange(1, x.shape[axis] + 1) * 1000.0 ** "DFH".index(kind)).reshape(shape)
     flat[path] = x
-  return resize.unflatten(flat)
+  return layout.unflatten(flat)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
@@ -135,9 +136,9 @@ def test_shrink_by_importance_uses_one_unit_choice_for_every_leaf(family):
   kept = {k: maps[k].src[:, 0] for k in "DFH"}
   np.testing.assert_array_equal(kept["D"], np.arange(16, 40))
   np.testing.assert_array_equal(kept["F"], np.arange(24, 64))
-  out = resize.flatten(resize.shrink(source, params, target, method="weight_norm"))
-  for path, spec in resize.leaf_specs(target).items():
-    expect = np.ones([resize.axis_sizes(target)[k] for k, _ in spec])
+  out = layout.flatten(resize.shrink(source, params, target, method="weight_norm"))
+  for path, spec in layout.leaf_specs(target).items():
+    expect = np.ones([layout.axis_sizes(target)[k] for k, _ in spec])
     for axis, (kind, _) in enumerate(spec):
       if kind in kept:
         shape = [1] * len(spec)
@@ -175,10 +176,10 @@ def test_depth_shrink_keeps_first_and_last_layers():
 def test_importance_keeps_large_norm_neurons():
   source = _config("llama")
   params = random_params(source)
-  flat = resize.flatten(params)
+  flat = layout.flatten(params)
   flat["layers/mlp/up/weight"][:, [5, 17, 40]] *= 20
   target = source.replace(intermediate_size=3)
-  maps = resize.make_maps(source, resize.unflatten(flat), target, select="weight_norm")
+  maps = resize.make_maps(source, layout.unflatten(flat), target, select="weight_norm")
   np.testing.assert_array_equal(maps["F"].src[:, 0], [5, 17, 40])
 
 
@@ -189,13 +190,13 @@ def test_mismatches_are_named():
     resize.shrink(llama, params, gpt2)
   with pytest.raises(resize.ResizeError, match="vocabularies differ"):
     resize.grow(llama, params, llama.replace(vocab_size=64))
-  flat = resize.flatten(params)
+  flat = layout.flatten(params)
   flat["layers/mlp/up/weight"] = flat["layers/mlp/up/weight"][:, :40]
   shapes = r"layers/mlp/up/weight.*\(2, 40, 32\).*\(2, 48, 32\)"
   with pytest.raises(resize.ResizeError, match=shapes):
-    resize.shrink(llama, resize.unflatten(flat), llama)
+    resize.shrink(llama, layout.unflatten(flat), llama)
   del flat["layers/mlp/gate/weight"]
   with pytest.raises(resize.ResizeError, match="layers/mlp/gate/weight"):
-    resize.shrink(llama, resize.unflatten(flat), llama)
+    resize.shrink(llama, layout.unflatten(flat), llama)
   with pytest.raises(resize.ResizeError, match="unknown grow method"):
     resize.grow(llama, params, llama, method="random")

@@ -7,16 +7,18 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cbd_jax.config import ModelConfig
-from cbd_jax.sharding import (
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.decoder import abstract_params
+from cbd_jax.model.sharding import (
   batch_sharding,
   constrain_batch,
   make_mesh,
+  pad_rows,
+  padded_rows,
   parse_rules,
   spec_for,
   tree_shardings,
 )
-from cbd_jax.train_step import abstract_params
 
 CONFIG = ModelConfig(family="qwen2", vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, intermediate_size=64)
@@ -98,3 +100,23 @@ def test_step_with_activation_rules_equals_single_device():
   for a, b in zip(h1, h8, strict=True):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   _assert_params_close(p1, p8)
+
+
+def test_held_out_rows_are_padded_to_the_batch_shards_without_changing_the_sums():
+  from cbd_jax.chain.link import held_out_sums
+
+  mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # 8 batch shards.
+  assert padded_rows(3, mesh) == 8 and padded_rows(8, mesh) == 8 and padded_rows(9, mesh) == 16
+  rng = np.random.default_rng(0)
+  batch = {"ids": rng.integers(1, 50, (3, 5)).astype(np.int32),
+           "mask": np.ones((3, 5), np.float32)}
+  padded = pad_rows(mesh, batch)
+  assert padded["ids"].shape == (8, 5) and not padded["mask"][3:].any()
+  assert pad_rows(mesh, padded) is padded  # Already a multiple: as it is.
+
+  @jax.jit
+  def eval_step(b):
+    return {"x_sum": jnp.sum(b["ids"] * b["mask"]), "count": jnp.sum(b["mask"])}
+
+  sums = held_out_sums(eval_step, [batch, batch], mesh)
+  assert sums == {"x_sum": 2.0 * batch["ids"].sum(), "count": 30.0}

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from cbd_jax import model, sizing
-from cbd_jax.config import ModelConfig, num_params
+from cbd_jax.interpolation import sizing
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig, num_params
 
 GPT2_SMALL = ModelConfig(family="gpt2", vocab_size=50257, hidden_size=768, num_layers=12,
                          num_heads=12, num_kv_heads=12, head_dim=64, intermediate_size=3072,
@@ -22,7 +23,7 @@ SMOL_SMALL = SMOL.replace(hidden_size=384, num_layers=16, num_heads=6, num_kv_he
 
 def _allocated_count(config):
   """Parameter count of the model's own init, from shapes only (jax.eval_shape: no allocation)."""
-  shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: decoder.init_params(config, jax.random.PRNGKey(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cbd_jax import losses, manifest, model, teacher_cache
-from cbd_jax.config import ModelConfig
-from cbd_jax.fused_loss import fused_distill_loss
-from cbd_jax.sharding import make_mesh
-from cbd_jax.source import init_host_params
-from cbd_jax.train_step import LossSettings, make_init_state, make_optimizer
+from cbd_jax.chain.source import init_host_params
+from cbd_jax.checkpoints import manifest
+from cbd_jax.distill import losses, teacher_cache
+from cbd_jax.distill.fused_loss import fused_distill_loss
+from cbd_jax.distill.train_step import LossSettings, make_init_state, make_optimizer
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +58,7 @@ def cached(tmp_path_factory):
       assert teacher_cache.fill(folder, 1, lambda _: batch, topk, lambda: t_params, mesh,
                                 dtype) == 1
       folders[k, dtype] = folder
-  t_logits = np.asarray(jax.vmap(lambda x: model.forward(TEACHER, t_params, x))(batch["ids"]),
+  t_logits = np.asarray(jax.vmap(lambda x: decoder.forward(TEACHER, t_params, x))(batch["ids"]),
                         np.float64)
   return mesh, t_params, batch, t_logits, folders
 
@@ -98,7 +100,7 @@ def test_cached_step_equals_a_float64_reference_in_every_storage_dtype(cached):
   step = teacher_cache.make_cached_step(STUDENT, opt, loss, mesh, (), None)
   init = make_init_state(STUDENT, opt, mesh)
   s_params = init_host_params(STUDENT, 2)
-  s_logits = np.asarray(jax.vmap(lambda x: model.forward(STUDENT, s_params, x))(batch["ids"]),
+  s_logits = np.asarray(jax.vmap(lambda x: decoder.forward(STUDENT, s_params, x))(batch["ids"]),
                         np.float64)
   lq = ref.log_softmax(s_logits, 1.0, REAL_V)
   want_ce = -np.take_along_axis(lq, batch["labels"][..., None], -1).sum()
@@ -107,7 +109,7 @@ def test_cached_step_equals_a_float64_reference_in_every_storage_dtype(cached):
     rest = ref.tail_logprob(t_logits, stored["idx"], TEMPERATURE, REAL_V)  # The true tail.
     want_kd = ref.kd_topk_per_token(s_logits, stored["idx"], stored["logp"], rest, "rkl",
                                     TEMPERATURE, REAL_V).sum()
-    _, metrics = step(init(s_params), None, dict(batch, **teacher_cache.read(folders[8, dtype],
+    _, metrics = step(init(s_params), None, dict(batch, **teacher_cache.read_step(folders[8, dtype],
                                                                              0)))
     np.testing.assert_allclose(metrics["kd_sum"], want_kd, rtol=1e-5, err_msg=dtype)
     np.testing.assert_allclose(metrics["ce_sum"], want_ce, rtol=1e-5, err_msg=dtype)
@@ -121,12 +123,12 @@ def _kd_of_every_kind(s_params, t_params, ids_MxBxT, topk, dense=False):
   from the live teacher's hidden states and head."""
   out = {kind: 0.0 for kind in losses.KINDS}
   for m in range(ids_MxBxT.shape[0]):
-    hidden, _ = model.apply_hidden(STUDENT, s_params, ids_MxBxT[m])
-    head = model.head_weight(STUDENT, s_params)
+    hidden, _ = decoder.apply_hidden(STUDENT, s_params, ids_MxBxT[m])
+    head = decoder.head_weight(STUDENT, s_params)
     live = {}
     if dense:
-      live = dict(teacher_hidden_BxTxD=model.apply_hidden(TEACHER, t_params, ids_MxBxT[m])[0],
-                  teacher_head_VxD=model.head_weight(TEACHER, t_params))
+      live = dict(teacher_hidden_BxTxD=decoder.apply_hidden(TEACHER, t_params, ids_MxBxT[m])[0],
+                  teacher_head_VxD=decoder.head_weight(TEACHER, t_params))
     for kind in losses.KINDS:
       value, _ = fused_distill_loss(
           hidden, head, kind=kind, temperature=TEMPERATURE, vocab_limit=REAL_V, chunk_size=40,
@@ -141,14 +143,14 @@ def test_cached_kd_equals_live_kd_for_every_kind_and_storage_dtype(cached):
   float64 top-k loss of the stored values and the true tail."""
   _, t_params, batch, t_logits, folders = cached
   s_params = init_host_params(STUDENT, 2)
-  s_logits = np.asarray(jax.vmap(lambda x: model.forward(STUDENT, s_params, x))(batch["ids"]),
+  s_logits = np.asarray(jax.vmap(lambda x: decoder.forward(STUDENT, s_params, x))(batch["ids"]),
                         np.float64)
   live = _kd_of_every_kind(s_params, t_params, batch["ids"], None, dense=True)
   for kind in losses.KINDS:
     want = ref.kd_per_token(s_logits, t_logits, kind, TEMPERATURE, REAL_V).sum()
     np.testing.assert_allclose(live[kind], want, rtol=1e-5, err_msg=kind)
   for (k, dtype), folder in folders.items():
-    stored, read = _stored(folder), teacher_cache.read(folder, 0)
+    stored, read = _stored(folder), teacher_cache.read_step(folder, 0)
     got = _kd_of_every_kind(s_params, None, batch["ids"],
                             (read["t_idx"], read["t_logp"], read["t_rest"]))
     rest = ref.tail_logprob(t_logits, stored["idx"], TEMPERATURE, REAL_V)
@@ -174,9 +176,9 @@ def _cached_link(workdir: Path, cache: Path, k: int = 64, text: Path | None = No
 
 
 def _run(config):
-  from cbd_jax import chain
+  from cbd_jax.chain import driver
 
-  return chain.run_chain(config)
+  return driver.run_chain(config)
 
 
 def _weights(workdir: Path):

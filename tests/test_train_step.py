@@ -7,11 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import model
-from cbd_jax.config import ModelConfig
-from cbd_jax.sharding import make_mesh, tree_shardings
-from cbd_jax.source import init_host_params
-from cbd_jax.train_step import (
+from cbd_jax.chain.source import init_host_params
+from cbd_jax.distill.train_step import (
   LossSettings,
   make_eval_step,
   make_init_state,
@@ -19,6 +16,9 @@ from cbd_jax.train_step import (
   make_train_step,
   place_params,
 )
+from cbd_jax.model import decoder
+from cbd_jax.model.config import ModelConfig
+from cbd_jax.model.sharding import make_mesh, tree_shardings
 
 STUDENT = ModelConfig(family="qwen2", vocab_size=128, real_vocab_size=120, hidden_size=32,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -121,8 +121,8 @@ def test_eval_step_matches_naive_logits():
   mesh = make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
   s, t = host_params(STUDENT, 1), host_params(TEACHER, 2)
   out = jax.device_get(make_eval_step(STUDENT, TEACHER, LOSS, mesh)(s, t, batch))
-  zs = model.forward(STUDENT, s, batch["ids"])[..., :120]
-  zt = model.forward(TEACHER, t, batch["ids"])[..., :120]
+  zs = decoder.forward(STUDENT, s, batch["ids"])[..., :120]
+  zt = decoder.forward(TEACHER, t, batch["ids"])[..., :120]
   lq, lp = jax.nn.log_softmax(zs), jax.nn.log_softmax(zt)
   m = batch["mask"]
   kl = np.sum(np.sum(np.exp(lp) * (lp - lq), -1) * m)

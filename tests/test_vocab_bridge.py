@@ -5,9 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbd_jax import assets, losses, vocab_bridge
+from cbd_jax.checkpoints import assets
+from cbd_jax.distill import losses, vocab_bridge
 
 NUM_PARAGRAPHS = 30
+
+
+def identity_map(vocab_size: int) -> vocab_bridge.TokenMap:
+  """The map of a tokenizer onto itself."""
+  return vocab_bridge.TokenMap(np.arange(vocab_size, dtype=np.int32), np.ones(vocab_size, bool),
+                               vocab_size)
+
+
+def _pairs(alignments):
+  """(teacher_pos, student_pos, mask) [B, A], right-padded, from per-text alignments."""
+  a = max(len(x.teacher_pos) for x in alignments)
+  t_pos, s_pos = (np.zeros((len(alignments), a), np.int32) for _ in range(2))
+  mask = np.zeros((len(alignments), a), bool)
+  for b, x in enumerate(alignments):
+    n = len(x.teacher_pos)
+    t_pos[b, :n], s_pos[b, :n], mask[b, :n] = x.teacher_pos, x.student_pos, True
+  return t_pos, s_pos, mask
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +147,8 @@ def test_identity_projection_is_a_no_op_for_kd():
   t = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 11))
   pos = np.array([[0, 2, 5], [1, 3, 4]], np.int32)
   mask = np.array([[True, True, True], [True, True, False]])
-  got = vocab_bridge.projected_kd_loss_sum(s, t, vocab_bridge.identity_token_map(11), pos, pos,
-                                           mask, "rkl", 2.0)
   gather = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)
+  got = vocab_bridge.projected_kd_sum(gather(s), gather(t), identity_map(11), mask, "rkl", 2.0)
   want = losses.kd_loss_sum(gather(s), gather(t), "rkl", 2.0, mask)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   assert float(got[1]) == 5
@@ -141,14 +158,16 @@ def test_projected_kd_between_real_tokenizers(smollm2, gpt2, vocabs, token_map, 
   smol_vocab, gpt2_vocab = vocabs
   alignments = [vocab_bridge.align_text(smollm2, gpt2, p[:300], smol_vocab, gpt2_vocab)
                 for p in paragraphs[:2]]
-  t_pos, s_pos, mask = vocab_bridge.aligned_batch(alignments)
+  t_pos, s_pos, mask = _pairs(alignments)
   tt = max(len(a.teacher_ids) for a in alignments)
   ts = max(len(a.student_ids) for a in alignments)
   t_logits = jax.random.normal(jax.random.PRNGKey(3), (2, tt, 49_152))
   s_logits = jax.random.normal(jax.random.PRNGKey(4), (2, ts, 50_257))
 
   def loss(s):
-    return vocab_bridge.projected_kd_loss_sum(s, t_logits, token_map, s_pos, t_pos, mask)[0]
+    return vocab_bridge.projected_kd_sum(vocab_bridge.gather_positions(s, s_pos),
+                                         vocab_bridge.gather_positions(t_logits, t_pos),
+                                         token_map, mask)[0]
 
   value, grad = jax.value_and_grad(loss)(s_logits)
   assert np.isfinite(float(value)) and float(value) > 0

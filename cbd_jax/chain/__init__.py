@@ -1,0 +1,1 @@
+"""The runs: the chain driver, the link driver and its strategies, recovery, guards, report."""

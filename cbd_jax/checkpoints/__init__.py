@@ -1,0 +1,1 @@
+"""What lies on disk: Hugging Face folders, safetensors, GGUF, Orbax train states, assets."""

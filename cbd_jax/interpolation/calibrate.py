@@ -1,0 +1,269 @@
+"""Teacher-free calibration of a target between two anchors, on unlabeled calibration text.
+
+Three choices decide a target's quality, all made here by the target's own loss (or the large
+anchor's own distributions) on token rows the caller gives, never on held-out text:
+
+- which layers of the large anchor the target keeps besides the small anchor's counterparts
+  (`layer_sets`: evenly spread, by block influence, or by block influence re-measured after
+  each layer is dropped; the one whose Shrink(large) has the lowest loss is kept),
+- alpha, the weight of the small anchor (`mixing.choose_alpha`: a grid, then a finer grid around
+  the best point), and
+- per-layer gains of each attention and MLP output (`fit_residual_gains`: 30 Adam steps on the
+  gains alone, towards the large anchor's next-token distributions), kept only if they lower
+  the target's loss on the rows held back for that check (`split_rows`).
+
+No teacher and no source model: forward passes of the anchors and of the target, and gradients
+of the target's 2 L gains, on a few thousand tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbd_jax.distill.fused_loss import fused_kd_loss
+from cbd_jax.evaluation import heldout
+from cbd_jax.interpolation import align, importance, mixing, resize
+from cbd_jax.model import decoder, layout
+from cbd_jax.model.config import ModelConfig
+
+LAYER_CHOICES = ("even", "influence", "greedy")
+
+
+def layer_sets(small, large, target: ModelConfig, ids_NxT: np.ndarray) -> dict[str, np.ndarray]:
+  """{choice: the large anchor's layers a ``target``-deep model keeps} for every choice in
+  `LAYER_CHOICES` (the small anchor's counterparts always among them). ``large`` must already be
+  unit-aligned with ``small`` (`align.align_units`)."""
+  (small_config, small_params), (large_config, large_params) = small, large
+  m = align.depth_counterparts(small_config, small_params, large_config, large_params)
+  n = target.num_layers
+  if n <= small_config.num_layers or n >= large_config.num_layers:
+    return {}
+  free = np.setdiff1d(np.arange(large_config.num_layers), m)
+  extra = n - small_config.num_layers
+  scores = importance.block_influence(large_config, large_params, ids_NxT)
+  even = free[(np.arange(1, extra + 1) * len(free)) // (extra + 1)]
+  best = free[np.argsort(-scores[free], kind="stable")[:extra]]
+  greedy = importance.greedy_layers(large_config, large_params, n, ids_NxT, keep=m, scores=scores)
+  return {"even": np.sort(np.concatenate([m, even])),
+          "influence": np.sort(np.concatenate([m, best])), "greedy": greedy}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How a target is made from two anchors (each field is a flag of `launch/init_model.py`).
+
+  ``method="cbd"`` (default): units only the large anchor has compute its function and write
+  (1 - alpha) of it (the "output" mix); with calibration rows, the large anchor's layers
+  (``layers="auto"`` tries every `LAYER_CHOICES` entry) and alpha are chosen by the target's own
+  loss on them. ``method="paper"``: the plain formula, every padded weight scaled by 1 - alpha,
+  alpha from parameter counts, evenly spread layers. ``alpha`` or ``mix`` given: used as is
+  (``mix`` defaults to the method's: "output" for cbd, "plain" for paper).
+  """
+
+  method: str = "cbd"
+  alpha: float | None = None
+  layers: str = "auto"
+  mix: str | None = None
+  shrink_method: str = "leading"
+  grow_method: str = "zero"
+  depth: str = "zero"
+  align_layers: bool = True
+  align_units: bool = True
+  gains: bool = True
+
+  def __post_init__(self):
+    checks = (("method", self.method, METHODS), ("layers", self.layers, ("auto",) + LAYER_CHOICES),
+              ("mix", self.mix, (None,) + mixing.MIXES))
+    for name, value, allowed in checks:
+      if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; use one of {[a for a in allowed if a]}")
+    if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"alpha={self.alpha} is outside [0, 1]; alpha weights the small anchor")
+    if self.mix is None:
+      object.__setattr__(self, "mix", "output" if self.method == "cbd" else "plain")
+
+
+METHODS = ("cbd", "paper")
+
+
+def split_rows(rows: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(choice rows, check rows): the first half of the calibration rows makes every choice
+  (layers, alpha, residual gains); the second, never used for a choice, only decides whether the
+  gains are kept. One row: no check rows (and no gains)."""
+  if rows is None:
+    return None, None
+  half = (len(rows) + 1) // 2
+  return rows[:half], (rows[half:] if len(rows) > 1 else None)
+
+
+def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
+  """(views, info): the large anchor's layers kept, by Shrink(large)'s loss on ``rows`` when
+  calibrating and more than one choice is allowed; evenly spread otherwise. An explicit
+  ``recipe.layers`` that needs rows (influence, greedy) and has none is a one-line ValueError."""
+  r = recipe
+  if r.layers in ("influence", "greedy") and (rows is None or not r.align_layers):
+    why = ("--no_align_layers takes evenly spaced layers" if rows is not None else
+           "there are no calibration rows (--method paper, or --anchors without --calib_text)")
+    raise ValueError(f"layers={r.layers!r} ranks the large anchor's layers on calibration rows, "
+                     f"but {why}; pass --layers auto or even, or give --calib_text")
+  sets = layer_sets(small, large, target, rows) if rows is not None and r.align_layers else {}
+  if r.layers != "auto":
+    sets = {r.layers: sets[r.layers]} if r.layers in sets else {}
+
+  def views_of(layers):
+    return mixing.anchor_views(small, large, target, shrink, r.grow_method, r.depth,
+                               align_layers=r.align_layers, align_units=False,
+                               large_layers=layers)
+
+  info = {"layer_choice": "even", "large_layers": None}
+  if not sets:
+    return views_of(None), info
+  views, scores = {}, {}
+  for n, layers in sets.items():  # Choices that keep the same layers are built and scored once.
+    same = next((m for m in views if np.array_equal(sets[m], layers)), None)
+    if same is not None:
+      views[n], scores[n] = views[same], scores[same]
+      continue
+    views[n] = views_of(layers)
+    scores[n] = mixing.mixed_loss(target, views[n], 0.0, r.mix, rows)
+  choice = min(scores, key=scores.get)
+  log("large-anchor layers (calibration loss of Shrink(large)): " +
+      ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f"; keeping {choice}")
+  info.update(layer_choice=choice, large_layers=sets[choice].tolist(), layer_losses=scores)
+  return views[choice], info
+
+
+def _choose_alpha_and_gains(target, views, alphas, mix, large, rows, check_rows, log
+                            ) -> tuple[dict, dict]:
+  """(params, info): per-layer residual gains fitted on ``rows`` towards the large anchor for
+  the mix at each of ``alphas`` (the calibrated alpha first), and the alpha whose gained mix
+  has the lowest loss on ``rows``; alpha and gains are kept only if they lower the target's
+  loss on ``check_rows`` (used for nothing else) below that of the mix at the calibrated alpha
+  without gains, else the calibrated alpha stays (``info["alpha"]``)."""
+  best = None
+  for alpha in alphas:
+    mixed = mixing.mix_views(views, alpha, mix)
+    gains, _ = fit_residual_gains(target, mixed, large, rows)
+    gained = scale_outputs(mixed, gains)
+    loss = heldout.mean_nll(target, gained, rows)
+    log(f"alpha = {alpha:.4f} with residual gains: calibration loss {loss:.4f}")
+    if best is None or loss < best[0]:
+      best = (loss, alpha, gains, gained)
+  _, alpha, gains, gained = best
+  plain = mixing.mix_views(views, alphas[0], mix)
+  before = heldout.mean_nll(target, plain, check_rows)
+  after = heldout.mean_nll(target, gained, check_rows)
+  keep = after < before
+  log(f"residual gains (alpha = {alpha:.4f}): check loss {before:.4f} -> {after:.4f} "
+      f"({'kept' if keep else 'dropped'})")
+  info = {"alpha": alpha if keep else alphas[0], "gains": gains.tolist() if keep else None,
+          "gain_alpha": alpha, "fitted_gains": gains.tolist(),
+          "gain_check_losses": [before, after]}
+  return (gained if keep else plain), info
+
+
+def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
+                log=print) -> tuple[dict, dict]:
+  """(params, info) of a ``target``-shaped model between ``small`` and ``large`` (``(config,
+  params)`` pairs), made by ``recipe``; ``rows`` [N, T] calibration token ids (``method="cbd"``
+  without them: alpha from parameter counts and evenly spread layers, no gains)."""
+  r = recipe or Recipe()
+  (small_config, small_params), (large_config, large_params) = small, large
+  resize.check_compatible(small_config, large_config)
+  for anchor, alpha in ((small, 1.0), (large, 0.0)):  # A target of an anchor's shape is it.
+    if target.to_dict() == anchor[0].replace(dtype=target.dtype, remat=target.remat).to_dict():
+      log(f"the target has the {'small' if alpha else 'large'} anchor's shape: alpha = {alpha}")
+      return jax.tree.map(np.asarray, anchor[1]), {"method": r.method, "alpha": alpha,
+                                                   "mix": r.mix, "layer_choice": None}
+  shrink = r.shrink_method
+  if r.align_units:
+    large = (large_config, align.align_units(small_config, small_params, large_config,
+                                             large_params, extras=r.shrink_method))
+    shrink = "leading"
+  rows = rows if r.method == "cbd" else None
+  choice_rows, check_rows = split_rows(rows)
+  views, info = _choose_views(small, large, target, r, shrink, choice_rows, log)
+  info.update(method=r.method, mix=r.mix,
+              calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
+  alpha = r.alpha
+  if alpha is None and rows is not None:
+    alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
+  elif alpha is None:
+    alpha = mixing.default_alpha(small_config, large_config, target)
+  if rows is not None and check_rows is None and r.gains:
+    log("one calibration row: no rows left to check residual gains on; none fitted")
+  if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
+    alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
+    params, gain_info = _choose_alpha_and_gains(target, views, alphas, r.mix, large, choice_rows,
+                                                check_rows, log)
+    info.update(gain_info)
+  else:
+    params, info["alpha"] = mixing.mix_views(views, alpha, r.mix), alpha
+  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix}, large-anchor "
+      f"layers {info['layer_choice']}" + (", residual gains" if info.get("gains") else ""))
+  return params, info
+
+
+def scale_outputs(params: dict, scales_Lx2) -> dict:
+  """``params`` with layer l's attention output (o) scaled by scales[l, 0] and its MLP output
+  (down) by scales[l, 1] (their biases too): per-layer residual-branch gains."""
+  flat = dict(layout.flatten(params))
+  for path, col in (("layers/attn/o/", 0), ("layers/mlp/down/", 1)):
+    for leaf in ("weight", "bias"):
+      if path + leaf in flat:
+        x = flat[path + leaf]
+        s = scales_Lx2[:, col].reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+        flat[path + leaf] = x * s
+  return layout.unflatten(flat)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden(config: ModelConfig, params, ids_BxT):
+  return decoder.apply_hidden(config, params, ids_BxT)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kl_and_grad(config: ModelConfig, chunk_size: int, scales, params, ids_BxT, ref_hidden_BxTxD,
+                 ref_head_VxD):
+  """KL(reference || model with the residual gains), mean over tokens, and its gradient; the
+  logits of either model exist for ``chunk_size`` tokens at a time (`fused_kd_loss`)."""
+  def kl(s):
+    hidden, _ = decoder.apply_hidden(config, scale_outputs(params, s), ids_BxT)
+    total, count = fused_kd_loss(hidden, decoder.head_weight(config, params), ref_hidden_BxTxD,
+                                 ref_head_VxD, vocab_limit=config.vocab_limit,
+                                 chunk_size=chunk_size)
+    return total / count
+  return jax.value_and_grad(kl)(scales)
+
+
+def fit_residual_gains(config: ModelConfig, params: dict, reference, ids_NxT: np.ndarray,
+                       steps: int = 30, lr: float = 0.05, chunk_size: int = 256
+                       ) -> tuple[np.ndarray, list[float]]:
+  """(gains [L, 2], KLs): per-layer gains of the attention and MLP outputs (Adam from 1.0,
+  full batch) that bring the model's next-token distributions on ``ids`` towards those of
+  ``reference`` (a ``(config, params)`` model of the same vocabulary: the large anchor); the
+  gains of the lowest KL seen. No [N, T, V] tensor: logits ``chunk_size`` tokens at a time."""
+  import optax
+
+  ids = jnp.asarray(ids_NxT[:, :-1])
+  ref_config, ref_params = reference[0], jax.device_put(reference[1])
+  ref_hidden = _hidden(ref_config, ref_params, ids)
+  ref_head = decoder.head_weight(ref_config, ref_params)
+  params = jax.device_put(params)
+  gains = jnp.ones((config.num_layers, 2), jnp.float32)
+  opt = optax.adam(lr)
+  state = opt.init(gains)
+  best, kls = (np.asarray(gains), np.inf), []
+  for _ in range(steps + 1):
+    kl, grad = _kl_and_grad(config, chunk_size, gains, params, ids, ref_hidden, ref_head)
+    kls.append(float(kl))
+    if kls[-1] < best[1]:
+      best = (np.asarray(gains), kls[-1])
+    updates, state = opt.update(grad, state)
+    gains = optax.apply_updates(gains, updates)
+  return best[0], kls

@@ -1,0 +1,1 @@
+"""The model: its config, the decoder, cached generation and the device mesh."""
