@@ -1,4 +1,4 @@
-r"""The embedded default chain: SmolLM2-135M -> ~70M -> ~30M anchors, on real English text.
+r"""The embedded default chain: SmolLM2-135M -> 80M -> 34M anchors, on real English text.
 
   python launch/train_chain.py                                   # this config, ~15 min on CPU
   python launch/train_chain.py --config=configs/default.py:smoke # tiny budgets, seconds
@@ -12,7 +12,7 @@ greedily by re-measured block influence, norms rescaled) and is then distilled f
 on Wikipedia paragraphs; held-out numbers are measured on news prose (another source). Shapes,
 budgets and learning rates were chosen by held-out measurements on two CPU cores
 (benchmarks/RESULTS.md, "Anchor initialisation"): the 80M anchor keeps the teacher's width and
-drops layers (width cuts lose far more at this budget), the 33M anchor is deep and narrow. On a GPU
+drops layers (width cuts lose far more at this budget), the 34M anchor is deep and narrow. On a GPU
 raise the budgets, e.g.
 ``--config.chain[0].tokens=50_000_000 --config.chain[1].tokens=50_000_000``.
 """
