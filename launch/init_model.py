@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="mix units by index instead of first reordering the large anchor's "
                       "channels, FFN neurons and heads to line up with their counterparts in the "
                       "small anchor (only right when the small anchor kept leading units)")
+  p.add_argument("--rescale_norms", default=None, action=argparse.BooleanOptionalAction,
+                 help="scale the grown small anchor's norm scales by sqrt(D_small / D_target) so "
+                      "that alpha = 1 is the small anchor exactly (default: on with --method "
+                      "cbd, off with --method paper)")
   p.add_argument("--dtype", default=None, choices=DTYPES,
                  help="dtype of the written weights (default: the anchors' dtype)")
   args = p.parse_args(argv)
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
     recipe = calibrate.Recipe(
         method=args.method, alpha=args.alpha, layers=args.layers, mix=args.mix,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
-        align_layers=not args.no_align_layers, align_units=not args.no_align_units)
+        align_layers=not args.no_align_layers, align_units=not args.no_align_units,
+        rescale_norms=args.rescale_norms)
     target.init_target(
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
         out=args.out, recipe=recipe, text=args.text, calib_text=args.calib_text,

@@ -119,6 +119,13 @@ def mean_nll(config: ModelConfig, params: dict, rows_NxT: np.ndarray, batch_size
   return total / rows_NxT[:, 1:].size
 
 
+def row_nlls(config: ModelConfig, params: dict, rows_NxT: np.ndarray) -> np.ndarray:
+  """[N]: the mean next-token cross entropy (nats) of ``params`` on each row of ``rows``."""
+  check_rows(config, rows_NxT)
+  fn = functools.partial(nll_sum, config, jax.tree.map(jnp.asarray, params))
+  return np.array([total_nll(fn, row[None], 1) for row in rows_NxT]) / (rows_NxT.shape[1] - 1)
+
+
 def evaluate(config: ModelConfig, params: dict, text: HeldoutText, batch_size: int = 8) -> dict:
   """{"loss", "ppl", "bpb", "tokens", "bytes"} of ``params`` on ``text`` (no teacher)."""
   loss = mean_nll(config, params, text.rows, batch_size)

@@ -10,7 +10,8 @@ anchor's own distributions) on token rows the caller gives, never on held-out te
   the best point), and
 - per-layer gains of each attention and MLP output (`fit_residual_gains`: 30 Adam steps on the
   gains alone, towards the large anchor's next-token distributions), kept only if they lower
-  the target's loss on the rows held back for that check (`split_rows`).
+  the target's loss on the rows held back for that check (`split_rows`) by more than the rows'
+  noise (`clear_gain`).
 
 No teacher and no source model: forward passes of the anchors and of the target, and gradients
 of the target's 2 L gains, on a few thousand tokens.
@@ -63,6 +64,12 @@ class Recipe:
   loss on them. ``method="paper"``: the plain formula, every padded weight scaled by 1 - alpha,
   alpha from parameter counts, evenly spread layers. ``alpha`` or ``mix`` given: used as is
   (``mix`` defaults to the method's: "output" for cbd, "plain" for paper).
+
+  ``rescale_norms`` (default: on for cbd, off for paper): Grow(small) multiplies its norm scales
+  by sqrt(D_small / D_target), so that at alpha = 1 the target computes the small anchor's
+  function exactly (RMSNorm over zero-padded channels otherwise divides by a smaller root mean
+  square); alpha = 1 is on the calibration grid, so the calibrated target is never worse than
+  the small anchor on the rows that choose alpha.
   """
 
   method: str = "cbd"
@@ -75,6 +82,7 @@ class Recipe:
   align_layers: bool = True
   align_units: bool = True
   gains: bool = True
+  rescale_norms: bool | None = None
 
   def __post_init__(self):
     checks = (("method", self.method, METHODS), ("layers", self.layers, ("auto",) + LAYER_CHOICES),
@@ -86,6 +94,8 @@ class Recipe:
       raise ValueError(f"alpha={self.alpha} is outside [0, 1]; alpha weights the small anchor")
     if self.mix is None:
       object.__setattr__(self, "mix", "output" if self.method == "cbd" else "plain")
+    if self.rescale_norms is None:
+      object.__setattr__(self, "rescale_norms", self.method == "cbd")
 
 
 METHODS = ("cbd", "paper")
@@ -117,8 +127,8 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
 
   def views_of(layers):
     return mixing.anchor_views(small, large, target, shrink, r.grow_method, r.depth,
-                               align_layers=r.align_layers, align_units=False,
-                               large_layers=layers)
+                               rescale_norms=r.rescale_norms, align_layers=r.align_layers,
+                               align_units=False, large_layers=layers)
 
   info = {"layer_choice": "even", "large_layers": None}
   if not sets:
@@ -143,8 +153,8 @@ def _choose_alpha_and_gains(target, views, alphas, mix, large, rows, check_rows,
   """(params, info): per-layer residual gains fitted on ``rows`` towards the large anchor for
   the mix at each of ``alphas`` (the calibrated alpha first), and the alpha whose gained mix
   has the lowest loss on ``rows``; alpha and gains are kept only if they lower the target's
-  loss on ``check_rows`` (used for nothing else) below that of the mix at the calibrated alpha
-  without gains, else the calibrated alpha stays (``info["alpha"]``)."""
+  loss on ``check_rows`` (used for nothing else) clearly below that of the mix at the calibrated
+  alpha without gains (`clear_gain`), else the calibrated alpha stays (``info["alpha"]``)."""
   best = None
   for alpha in alphas:
     mixed = mixing.mix_views(views, alpha, mix)
@@ -156,15 +166,27 @@ def _choose_alpha_and_gains(target, views, alphas, mix, large, rows, check_rows,
       best = (loss, alpha, gains, gained)
   _, alpha, gains, gained = best
   plain = mixing.mix_views(views, alphas[0], mix)
-  before = heldout.mean_nll(target, plain, check_rows)
-  after = heldout.mean_nll(target, gained, check_rows)
-  keep = after < before
+  rows_before = heldout.row_nlls(target, plain, check_rows)
+  rows_after = heldout.row_nlls(target, gained, check_rows)
+  before, after = float(rows_before.mean()), float(rows_after.mean())
+  keep = clear_gain(rows_before, rows_after)
   log(f"residual gains (alpha = {alpha:.4f}): check loss {before:.4f} -> {after:.4f} "
-      f"({'kept' if keep else 'dropped'})")
+      f"({'kept' if keep else 'dropped: not a clear gain on the check rows'})")
   info = {"alpha": alpha if keep else alphas[0], "gains": gains.tolist() if keep else None,
           "gain_alpha": alpha, "fitted_gains": gains.tolist(),
           "gain_check_losses": [before, after]}
   return (gained if keep else plain), info
+
+
+def clear_gain(before_N: np.ndarray, after_N: np.ndarray, z: float = 2.0) -> bool:
+  """Whether per-row losses ``after`` are lower than ``before`` (the same rows) by more than
+  ``z`` standard errors of the mean paired difference: a one-sided paired test (about 2.5% false
+  positives at z = 2). A change that only fits the noise of a few rows (it did not carry over
+  from training text to held-out text) is not kept. Fewer than two rows: never clear."""
+  d = np.asarray(before_N, np.float64) - np.asarray(after_N, np.float64)
+  if len(d) < 2:
+    return False
+  return bool(d.mean() > z * d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
