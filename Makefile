@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) launch/fetch_assets.py
 	$(PY) launch/train_chain.py
-	$(PY) launch/init_model.py --size=50m --overwrite --text=$${CBD_CACHE:-$$HOME/.cache/cbd-jax}/text/news_heldout.txt
+	$(PY) launch/init_model.py --size=50m --overwrite
 	$(PY) launch/report.py
 
 # The rest of the pipeline on the demo's chain, offline: recover the 50M target briefly (plain LM
