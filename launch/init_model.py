@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="output folder (default: <chain>/targets/<size>); an existing non-empty "
                       "folder is refused unless --overwrite; a chain's anchor or source never")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  p.add_argument("--shape", default="auto", choices=("auto", "line", "large_width"),
+                 help="target shape: on the line between the anchors' shapes (line), the large "
+                      "anchor's width and attention with fewer layers and FFN neurons "
+                      "(large_width), or both, keeping the one with the lower calibration loss "
+                      "(auto; line when there is no calibration text)")
   p.add_argument("--method", default="cbd", choices=("cbd", "paper"),
                  help="cbd: units only the large anchor has keep its function, scaled by "
                       "1 - alpha where they write; layers and alpha calibrated on --calib_text. "
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
         args.size, chain=None if args.anchors else args.chain, anchors=args.anchors,
         out=args.out, recipe=recipe, text=args.text, calib_text=args.calib_text,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
-        dtype=args.dtype, overwrite=args.overwrite, use_source=args.use_source)
+        dtype=args.dtype, overwrite=args.overwrite, use_source=args.use_source,
+        shape=args.shape)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -330,3 +330,28 @@ def test_bad_recipes_are_refused():
     calibrate.Recipe(layers="best")
   with pytest.raises(ValueError, match="outside"):
     calibrate.Recipe(alpha=2.0)
+
+
+def test_of_several_shapes_the_target_with_the_lowest_calibration_loss_is_kept():
+  """make_sized_target keeps, among candidate shapes of one size, the target whose loss on the
+  choice half of the rows (recomputed in float64) is lowest; without rows, the first shape."""
+  small, large = _chain()
+  shapes = [small[0].replace(num_layers=5, intermediate_size=64),
+            large[0].replace(num_layers=3, intermediate_size=64)]
+  lines = []
+  shape, params, info = calibrate.make_sized_target(small, large, shapes,
+                                                    calibrate.Recipe(gains=False), IDS,
+                                                    lines.append)
+  losses = []
+  for candidate in shapes:
+    p, _ = calibrate.make_target(small, large, candidate, calibrate.Recipe(gains=False), IDS,
+                                 log=str)
+    losses.append(_ce(candidate, p, IDS[:2]))
+  best = int(np.argmin(losses))
+  assert shape == shapes[best]
+  assert sorted(info["shape_losses"].values()) == pytest.approx(sorted(losses), rel=1e-5)
+  assert _ce(shape, params, IDS[:2]) == pytest.approx(losses[best], rel=1e-5)
+  assert any(line.startswith("target shape: ") for line in lines)
+  first, _, _ = calibrate.make_sized_target(small, large, shapes, calibrate.Recipe(gains=False),
+                                            None, log=str)
+  assert first == shapes[0]

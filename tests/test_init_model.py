@@ -91,7 +91,7 @@ def test_end_to_end_folder_loads_in_transformers(anchors):
   out = root / "target"
   result = _run(f"--size={size}", "--anchors", f"{root / 'large'},{root / 'small'}",
                 "--out", str(out), "--text", str(anchors["text"]), "--seq_len", "32",
-                "--calib_text", str(anchors["calib"]))
+                "--calib_text", str(anchors["calib"]), "--shape", "line")
   assert result.returncode == 0, result.stderr
   for word in ("small anchor", "large anchor", "alpha =", "layers x", "params",
                "large-anchor layers (calibration loss"):

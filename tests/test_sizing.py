@@ -157,3 +157,35 @@ def test_sizes_between_anchors_with_narrow_attention_are_shapes_transformers_bui
     transformers.LlamaConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_heads,
                              num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
                              intermediate_size=c.intermediate_size, vocab_size=c.vocab_size)
+
+
+@pytest.mark.parametrize("size", ["40m", "50m", "60m", "70m"])
+def test_a_large_width_shape_keeps_the_large_anchors_width_and_attention(size):
+  """Between SmolLM2-135M and a 16 x 384 anchor: the large anchor's width, heads and kv heads,
+  fewer layers and FFN neurons (FFN in multiples of 128), within 3% of the count, and no other
+  such shape cuts depth and FFN in closer proportion."""
+  target = sizing.large_width_shape(size, SMOL_SMALL, SMOL)
+  want = sizing.parse_size(size)
+  assert abs(num_params(target) - want) <= 0.03 * want
+  assert (target.hidden_size, target.num_heads, target.num_kv_heads, target.head_dim) == (
+      576, 9, 3, 64)
+  assert target.num_layers < 30 and target.intermediate_size <= 1536
+  assert target.intermediate_size % 128 == 0
+  gap = abs(target.num_layers / 30 - target.intermediate_size / 1536)
+  for layers in range(1, 31):
+    for ffn in range(128, 1537, 128):
+      other = SMOL.replace(num_layers=layers, intermediate_size=ffn)
+      if abs(num_params(other) - want) <= 0.03 * want:
+        assert abs(layers / 30 - ffn / 1536) >= gap - 0.03, (layers, ffn)
+
+
+def test_target_shapes_offer_the_line_and_the_large_width():
+  line = sizing.resolve_size("60m", SMOL_SMALL, SMOL)
+  wide = sizing.large_width_shape("60m", SMOL_SMALL, SMOL)
+  assert sizing.target_shapes("60m", SMOL_SMALL, SMOL) == [line, wide]
+  assert sizing.target_shapes("60m", SMOL, SMOL_SMALL, "line") == [line]
+  assert sizing.target_shapes("60m", SMOL_SMALL, SMOL, "large_width") == [wide]
+  assert sizing.large_width_shape(num_params(SMOL), SMOL_SMALL, SMOL) != SMOL  # Not the anchor.
+  assert sizing.large_width_shape("20m", SMOL_SMALL, SMOL) is None  # Below one layer of 576.
+  with pytest.raises(ValueError, match="unknown shape 'wide'; use one of"):
+    sizing.target_shapes("60m", SMOL_SMALL, SMOL, "wide")

@@ -189,26 +189,24 @@ def clear_gain(before_N: np.ndarray, after_N: np.ndarray, z: float = 2.0) -> boo
   return bool(d.mean() > z * d.std(ddof=1) / np.sqrt(len(d)))
 
 
-def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
-                log=print) -> tuple[dict, dict]:
-  """(params, info) of a ``target``-shaped model between ``small`` and ``large`` (``(config,
-  params)`` pairs), made by ``recipe``; ``rows`` [N, T] calibration token ids (``method="cbd"``
-  without them: alpha from parameter counts and evenly spread layers, no gains)."""
-  r = recipe or Recipe()
-  (small_config, small_params), (large_config, large_params) = small, large
-  resize.check_compatible(small_config, large_config)
-  for anchor, alpha in ((small, 1.0), (large, 0.0)):  # A target of an anchor's shape is it.
+def _anchor_shape(small, large, target: ModelConfig) -> float | None:
+  """1.0 or 0.0 when ``target`` is the small or the large anchor's shape, else None."""
+  for anchor, alpha in ((small, 1.0), (large, 0.0)):
     if target.to_dict() == anchor[0].replace(dtype=target.dtype, remat=target.remat).to_dict():
-      log(f"the target has the {'small' if alpha else 'large'} anchor's shape: alpha = {alpha}")
-      return jax.tree.map(np.asarray, anchor[1]), {"method": r.method, "alpha": alpha,
-                                                   "mix": r.mix, "layer_choice": None}
+      return alpha
+  return None
+
+
+def _calibrated_mix(small, large, target: ModelConfig, r: Recipe, rows, log):
+  """(views, alpha, info, aligned large anchor): layers and alpha of ``target`` chosen on the
+  choice half of ``rows`` (`_choose_views`, `mixing.choose_alpha`), before any gains."""
+  (small_config, small_params), (large_config, large_params) = small, large
   shrink = r.shrink_method
   if r.align_units:
     large = (large_config, align.align_units(small_config, small_params, large_config,
                                              large_params, extras=r.shrink_method))
     shrink = "leading"
-  rows = rows if r.method == "cbd" else None
-  choice_rows, check_rows = split_rows(rows)
+  choice_rows, _ = split_rows(rows)
   views, info = _choose_views(small, large, target, r, shrink, choice_rows, log)
   info.update(method=r.method, mix=r.mix,
               calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
@@ -217,6 +215,13 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
     alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
   elif alpha is None:
     alpha = mixing.default_alpha(small_config, large_config, target)
+  return views, alpha, info, large
+
+
+def _finish(target: ModelConfig, views, alpha: float, info: dict, large, r: Recipe, rows, log):
+  """(params, info): the mix at ``alpha``, with residual gains where the check rows show a
+  clear gain (`_choose_alpha_and_gains`)."""
+  choice_rows, check_rows = split_rows(rows)
   if rows is not None and check_rows is None and r.gains:
     log("one calibration row: no rows left to check residual gains on; none fitted")
   if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
@@ -229,6 +234,54 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
   log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix}, large-anchor "
       f"layers {info['layer_choice']}" + (", residual gains" if info.get("gains") else ""))
   return params, info
+
+
+def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None, rows=None,
+                log=print) -> tuple[dict, dict]:
+  """(params, info) of a ``target``-shaped model between ``small`` and ``large`` (``(config,
+  params)`` pairs), made by ``recipe``; ``rows`` [N, T] calibration token ids (``method="cbd"``
+  without them: alpha from parameter counts and evenly spread layers, no gains)."""
+  r = recipe or Recipe()
+  resize.check_compatible(small[0], large[0])
+  alpha = _anchor_shape(small, large, target)
+  if alpha is not None:  # A target of an anchor's shape is it.
+    log(f"the target has the {'small' if alpha else 'large'} anchor's shape: alpha = {alpha}")
+    return jax.tree.map(np.asarray, (small if alpha else large)[1]), {
+        "method": r.method, "alpha": alpha, "mix": r.mix, "layer_choice": None}
+  rows = rows if r.method == "cbd" else None
+  views, alpha, info, large = _calibrated_mix(small, large, target, r, rows, log)
+  return _finish(target, views, alpha, info, large, r, rows, log)
+
+
+def make_sized_target(small, large, shapes: list[ModelConfig], recipe: Recipe | None = None,
+                      rows=None, log=print) -> tuple[ModelConfig, dict, dict]:
+  """(target config, params, info) for one size with candidate ``shapes``
+  (`sizing.target_shapes`): each shape's layers and alpha are calibrated (`make_target`'s
+  choices), the shape whose mix has the lowest loss on the choice half of the rows is kept, and
+  only it gets residual gains. Without rows, with one shape, or when the first shape is an
+  anchor's: `make_target` on the first shape."""
+  r = recipe or Recipe()
+  rows = rows if r.method == "cbd" else None
+  first = shapes[0]
+  if len(shapes) == 1 or rows is None or _anchor_shape(small, large, first) is not None:
+    return (first, *make_target(small, large, first, r, rows, log))
+  resize.check_compatible(small[0], large[0])
+  made = []
+  for shape in shapes:
+    log(f"target shape {shape.num_layers} x {shape.hidden_size} (ffn {shape.intermediate_size}, "
+        f"{shape.num_heads} heads):")
+    views, alpha, info, aligned = _calibrated_mix(small, large, shape, r, rows, log)
+    loss = info.get("alpha_losses", {}).get(alpha)
+    if loss is None:  # An explicit alpha: its loss on the choice rows.
+      loss = mixing.mixed_loss(shape, views, alpha, r.mix, split_rows(rows)[0])
+    log(f"  calibration loss at alpha = {alpha:.4f}: {loss:.4f}")
+    made.append((loss, shape, views, alpha, info, aligned))
+  loss, shape, views, alpha, info, aligned = min(made, key=lambda m: m[0])
+  log(f"target shape: {shape.num_layers} x {shape.hidden_size} (calibration loss {loss:.4f})")
+  info["shape_losses"] = {f"{m[1].num_layers}x{m[1].hidden_size}/ffn{m[1].intermediate_size}":
+                          m[0] for m in made}
+  params, info = _finish(shape, views, alpha, info, aligned, r, rows, log)
+  return shape, params, info
 
 
 def scale_outputs(params: dict, scales_Lx2) -> dict:

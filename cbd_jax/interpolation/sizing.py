@@ -144,3 +144,49 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
     raise ValueError(f"no shape between the anchors within {tol:.0%} of {format_count(want)}; "
                      "try a nearby size or a finer width_multiple")
   return best[1]
+
+
+def large_width_shape(size: str | int, small: ModelConfig, large: ModelConfig, tol: float = 0.03,
+                      ffn_multiple: int = 128) -> ModelConfig | None:
+  """The shape of ``size`` params that keeps the large anchor's residual width and attention and
+  cuts only its depth and FFN width, in about the same proportion (layers / L_large close to
+  ffn / F_large); None when no such shape is within ``tol`` of the count, or when it would be
+  the large anchor itself. Shrink of the large anchor to this shape drops whole layers and FFN
+  neurons only, which keeps far more of it than a narrower residual stream does."""
+  check_compatible(small, large)
+  if num_params(small) > num_params(large):
+    small, large = large, small
+  want = parse_size(size)
+  multiple = math.gcd(ffn_multiple, large.intermediate_size)
+  best = None
+  for layers in range(1, large.num_layers + 1):
+    for ffn in range(multiple, large.intermediate_size + 1, multiple):
+      config = large.replace(num_layers=layers, intermediate_size=ffn)
+      error = abs(num_params(config) - want) / want
+      if error > tol or config == large or export_refusal(config):
+        continue
+      score = abs(layers / large.num_layers - ffn / large.intermediate_size) + error
+      if best is None or score < best[0]:
+        best = (score, config)
+  return None if best is None else best[1].replace(dtype=small.dtype, remat=small.remat)
+
+
+def target_shapes(size: str | int, small: ModelConfig, large: ModelConfig,
+                  shape: str = "auto") -> list[ModelConfig]:
+  """Candidate shapes of ``size`` params: "line" (`resolve_size`, on the line between the
+  anchors), "large_width" (`large_width_shape`), or "auto": both, distinct (the line's first),
+  for the caller to choose between on calibration text."""
+  if shape not in SHAPES:
+    raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
+  out = [] if shape == "large_width" else [resolve_size(size, small, large)]
+  if shape != "line":
+    wide = large_width_shape(size, small, large)
+    if wide is None and shape == "large_width":
+      raise ValueError(f"no shape of {size} with the large anchor's width within 3% of the "
+                       "count; pass --shape line or auto")
+    if wide is not None and wide not in out:
+      out.append(wide)
+  return out
+
+
+SHAPES = ("auto", "line", "large_width")

@@ -172,12 +172,14 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
                 text: str | Path | None = None, calib_text: str | Path | None = None,
                 calib_tokens: int = 2048, eval_tokens: int = 8192, seq_len: int | None = None,
                 dtype: str | None = None, overwrite: bool = False, use_source: bool = False,
-                log: Callable[[str], None] = print) -> dict:
+                shape: str = "auto", log: Callable[[str], None] = print) -> dict:
   """Makes a ``size`` model from two anchors (`calibrate.make_target`), saves it to ``out`` and
   returns a summary. ``anchors`` (two folders) takes precedence over ``chain``. Calibration reads
   the first training batches of ``calib_text`` (default: the chain's training data;
   `data.calibration`), never ``text``, on which the target and both anchors are measured (first
-  ``eval_tokens`` tokens, rows of ``seq_len``, default 256 within GPT-2's positions)."""
+  ``eval_tokens`` tokens, rows of ``seq_len``, default 256 within GPT-2's positions). ``shape``
+  (`sizing.target_shapes`): "auto" makes the target on the line between the anchors and on the
+  large anchor's width and keeps the one with the lower calibration loss."""
   start = time.time()
   recipe = recipe or calibrate.Recipe()
   path_a, path_b, chain_dir = _resolve(size, chain, anchors, use_source)
@@ -191,18 +193,19 @@ def init_target(size: str | int, chain: str | Path | None = None, anchors=None,
   loaded = sorted([(_load_anchor(p, chain_dir), p) for p in (path_a, path_b)],
                   key=lambda x: num_params(x[0][0]))
   (small, path_s), (large, path_l) = loaded
-  target = sizing.resolve_size(size, small[0], large[0])
-  positions = _positions((small[0], large[0], target))
+  shapes = sizing.target_shapes(size, small[0], large[0], shape)
+  positions = _positions((small[0], large[0], *shapes))
   seq_len = _eval_seq_len(seq_len, positions, log) if text else seq_len
   log(f"small anchor: {path_s}: {sizing.describe(small[0])}")
   log(f"large anchor: {path_l}: {sizing.describe(large[0])}")
-  log(f"target {size}: {sizing.describe(target)}")
+  log(f"target {size}: " + " or ".join(sizing.describe(t) for t in shapes))
   eval_rows = heldout.load_token_rows(tokenizer, text, eval_tokens, seq_len) if text else None
   calib_rows = (calibration.load_rows(calib, tokenizer, calib_tokens, positions) if calib
                 else None)
   if calib_rows is not None:
     log(f"calibration: {calib_rows[:, 1:].size} tokens of {calib.name}")
-  params, info = calibrate.make_target(small, large, target, recipe, calib_rows, log)
+  target, params, info = calibrate.make_sized_target(small, large, shapes, recipe, calib_rows,
+                                                     log)
   perplexity = None
   if eval_rows is not None:
     ppl = _measure({"small anchor": small, "target": (target, params), "large anchor": large},
