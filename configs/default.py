@@ -1,6 +1,6 @@
 r"""The embedded default chain: SmolLM2-135M -> 80M -> 34M anchors, on real English text.
 
-  python launch/train_chain.py                                   # this config, ~17 min on 2 CPU cores
+  python launch/train_chain.py                                   # this config, ~17 min on 2 cores
   python launch/train_chain.py --config=configs/default.py:smoke # tiny budgets, seconds
   python launch/init_model.py --size=50m                         # between the two anchors
 
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                  random_init=None))
   c.chain = (
       link("smollm2-80m", ANCHOR_80M, tokens=73_728, lr=5e-4),                 # 72 steps of 8 x 128
-      link("smollm2-34m", ANCHOR_34M, tokens=81_920, lr=2e-3, batch_size=4),   # 160 steps of 4 x 128
+      link("smollm2-34m", ANCHOR_34M, tokens=81_920, lr=2e-3, batch_size=4),  # 160 steps of 4 x 128
   )
   c.data = mlc.ConfigDict(assets.english_text_data())
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -199,7 +199,8 @@ def test_calibration_reads_only_the_calibration_text(anchors, tmp_path):
     lines = []
     summaries.append(target.init_target(
         size, anchors=pair, out=tmp_path / f"t{i}", text=text, calib_text=anchors["calib"],
-        seq_len=16, eval_tokens=136, calib_tokens=170, dtype="bfloat16", log=lines.append))
+        seq_len=16, eval_tokens=136, calib_tokens=170, dtype="bfloat16", shape="line",
+        log=lines.append))
     assert any("held-out perplexity on 128 tokens" in line for line in lines), lines
   a, b = (hf_io.load_hf(tmp_path / f"t{i}")[1] for i in range(2))
   jax_equal = [np.array_equal(x, y) for x, y in zip(layout.flatten(a).values(),
@@ -244,15 +245,15 @@ def _between(anchors, small="small", large="large", shape=(3, 48)):
 
 
 def _spy_rows(monkeypatch):
-  """The calibration rows init_target hands to calibrate.make_target."""
+  """The calibration rows init_target hands to calibrate.make_sized_target."""
   seen = []
-  make_target = calibrate.make_target
+  make_sized_target = calibrate.make_sized_target
 
-  def spy(small, large, target_config, recipe=None, rows=None, log=print):
+  def spy(small, large, shapes, recipe=None, rows=None, log=print):
     seen.append(rows)
-    return make_target(small, large, target_config, recipe, rows, log)
+    return make_sized_target(small, large, shapes, recipe, rows, log)
 
-  monkeypatch.setattr(calibrate, "make_target", spy)
+  monkeypatch.setattr(calibrate, "make_sized_target", spy)
   return seen
 
 
