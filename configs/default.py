@@ -1,6 +1,6 @@
 r"""The embedded default chain: SmolLM2-135M -> 80M -> 34M anchors, on real English text.
 
-  python launch/train_chain.py                                   # this config, ~17 min on 2 cores
+  python launch/train_chain.py                                   # this config, ~16 min on 2 cores
   python launch/train_chain.py --config=configs/default.py:smoke # tiny budgets, seconds
   python launch/init_model.py --size=50m                         # between the two anchors
 
