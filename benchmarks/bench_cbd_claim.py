@@ -96,7 +96,8 @@ def build_chain(workdir: Path, preset: Preset) -> None:
 
 
 def load_models(chain_dir: Path, size: str):
-  """(source, small, large, target config, manifest, shrink method) of a finished chain."""
+  """(source, small, large, target config, manifest, Shrink settings of the chain's first link)
+  of a finished chain."""
   from cbd_jax.checkpoints import gguf_cache, hf_io
   from cbd_jax.interpolation import sizing, target
 
@@ -108,23 +109,30 @@ def load_models(chain_dir: Path, size: str):
     source_path = gguf_cache.hf_folder(source_path)
   source = hf_io.load_hf_numpy(source_path)
   target_config = sizing.resolve_size(size, small[0], large[0])
-  shrink = (doc.get("config") or {}).get("chain", [{}])[0].get("shrink", "leading")
+  first = (doc.get("config") or {}).get("chain", [{}])[0]
+  shrink = {"method": first.get("shrink") or "leading",
+            "layers": first.get("shrink_layers") or "even",
+            "rescale": bool(first.get("shrink_rescale", True)),
+            "refit": bool(first.get("shrink_refit", False))}
   return source, small, large, target_config, doc, shrink, (small_path, large_path)
 
 
-def initialisations(source, small, large, target_config, shrink_method: str, calib_rows,
+def initialisations(source, small, large, target_config, shrink: dict, calib_rows,
                     seed: int = 0):
   """Host params on the target's shape for every method (b's and a's are the same: the default
-  of launch/init_model.py, calibrated on the chain's training text)."""
+  of launch/init_model.py on the line's shape, calibrated on the chain's training text; e's and
+  f's: the Shrink the chain's first link starts from, `prune.shrink` with its settings, cut
+  straight to the target's shape)."""
   import jax
   import numpy as np
 
   from cbd_jax.chain import source as source_mod
-  from cbd_jax.interpolation import calibrate, resize
+  from cbd_jax.interpolation import calibrate, prune, resize
 
   cbd, _ = calibrate.make_target(small, large, target_config, calibrate.Recipe(), calib_rows)
   grown = resize.grow(small[0], small[1], target_config, method="zero", depth="zero")
-  shrunk = resize.shrink(source[0], source[1], target_config, method=shrink_method)
+  shrunk, _ = prune.shrink(source[0], source[1], target_config, shrink["method"], calib_rows,
+                           shrink["layers"], rescale=shrink["rescale"], refit=shrink["refit"])
   host = lambda p: jax.tree.map(np.asarray, p)  # noqa: E731
   return {"b": host(cbd), "c": source_mod.init_host_params(target_config, seed),
           "d": host(grown), "e": host(shrunk), "f": host(shrunk)}
