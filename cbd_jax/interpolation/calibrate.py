@@ -197,15 +197,20 @@ def _anchor_shape(small, large, target: ModelConfig) -> float | None:
   return None
 
 
-def _calibrated_mix(small, large, target: ModelConfig, r: Recipe, rows, log):
-  """(views, alpha, info, aligned large anchor): layers and alpha of ``target`` chosen on the
-  choice half of ``rows`` (`_choose_views`, `mixing.choose_alpha`), before any gains."""
-  (small_config, small_params), (large_config, large_params) = small, large
-  shrink = r.shrink_method
-  if r.align_units:
-    large = (large_config, align.align_units(small_config, small_params, large_config,
-                                             large_params, extras=r.shrink_method))
-    shrink = "leading"
+def _aligned(small, large, r: Recipe):
+  """(large anchor, shrink method): with ``r.align_units`` the large anchor's units reordered to
+  line up with the small one's (`align.align_units`; the same for every target shape), then a
+  leading Shrink."""
+  if not r.align_units:
+    return large, r.shrink_method
+  return (large[0], align.align_units(*small, *large, extras=r.shrink_method)), "leading"
+
+
+def _calibrated_mix(small, large, shrink: str, target: ModelConfig, r: Recipe, rows, log):
+  """(views, alpha, info): layers and alpha of ``target`` chosen on the choice half of ``rows``
+  (`_choose_views`, `mixing.choose_alpha`), before any gains; ``large`` and ``shrink`` from
+  `_aligned`."""
+  small_config, large_config = small[0], large[0]
   choice_rows, _ = split_rows(rows)
   views, info = _choose_views(small, large, target, r, shrink, choice_rows, log)
   info.update(method=r.method, mix=r.mix,
@@ -215,7 +220,7 @@ def _calibrated_mix(small, large, target: ModelConfig, r: Recipe, rows, log):
     alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
   elif alpha is None:
     alpha = mixing.default_alpha(small_config, large_config, target)
-  return views, alpha, info, large
+  return views, alpha, info
 
 
 def _finish(target: ModelConfig, views, alpha: float, info: dict, large, r: Recipe, rows, log):
@@ -249,7 +254,8 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
     return jax.tree.map(np.asarray, (small if alpha else large)[1]), {
         "method": r.method, "alpha": alpha, "mix": r.mix, "layer_choice": None}
   rows = rows if r.method == "cbd" else None
-  views, alpha, info, large = _calibrated_mix(small, large, target, r, rows, log)
+  large, shrink = _aligned(small, large, r)
+  views, alpha, info = _calibrated_mix(small, large, shrink, target, r, rows, log)
   return _finish(target, views, alpha, info, large, r, rows, log)
 
 
@@ -266,17 +272,18 @@ def make_sized_target(small, large, shapes: list[ModelConfig], recipe: Recipe | 
   if len(shapes) == 1 or rows is None or _anchor_shape(small, large, first) is not None:
     return (first, *make_target(small, large, first, r, rows, log))
   resize.check_compatible(small[0], large[0])
+  aligned, shrink = _aligned(small, large, r)  # Once: the alignment is the same for every shape.
   made = []
   for shape in shapes:
     log(f"target shape {shape.num_layers} x {shape.hidden_size} (ffn {shape.intermediate_size}, "
         f"{shape.num_heads} heads):")
-    views, alpha, info, aligned = _calibrated_mix(small, large, shape, r, rows, log)
+    views, alpha, info = _calibrated_mix(small, aligned, shrink, shape, r, rows, log)
     loss = info.get("alpha_losses", {}).get(alpha)
     if loss is None:  # An explicit alpha: its loss on the choice rows.
       loss = mixing.mixed_loss(shape, views, alpha, r.mix, split_rows(rows)[0])
     log(f"  calibration loss at alpha = {alpha:.4f}: {loss:.4f}")
-    made.append((loss, shape, views, alpha, info, aligned))
-  loss, shape, views, alpha, info, aligned = min(made, key=lambda m: m[0])
+    made.append((loss, shape, views, alpha, info))
+  loss, shape, views, alpha, info = min(made, key=lambda m: m[0])
   log(f"target shape: {shape.num_layers} x {shape.hidden_size} (calibration loss {loss:.4f})")
   info["shape_losses"] = {f"{m[1].num_layers}x{m[1].hidden_size}/ffn{m[1].intermediate_size}":
                           m[0] for m in made}
