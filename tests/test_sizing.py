@@ -189,3 +189,48 @@ def test_target_shapes_offer_the_line_and_the_large_width():
   assert sizing.large_width_shape("20m", SMOL_SMALL, SMOL) is None  # Below one layer of 576.
   with pytest.raises(ValueError, match="unknown shape 'wide'; use one of"):
     sizing.target_shapes("60m", SMOL_SMALL, SMOL, "wide")
+
+
+DEFAULT_LARGE = SMOL.replace(num_layers=22, num_heads=6, num_kv_heads=2, intermediate_size=1024)
+DEFAULT_SMALL = SMOL.replace(num_layers=16, hidden_size=384, num_heads=3, num_kv_heads=1,
+                             intermediate_size=640)
+
+
+@pytest.mark.parametrize("size", ["40m", "46m", "50m"])
+def test_a_large_attention_shape_keeps_the_large_anchors_heads_on_the_narrowest_stream(size):
+  """The default chain's anchors (attention narrower than the stream): the large anchor's heads
+  and kv heads, depth and FFN between the anchors', within 3%, a config transformers' own
+  LlamaConfig accepts, and no narrower stream that holds those heads reaches the count."""
+  import transformers
+
+  target = sizing.large_attention_shape(size, DEFAULT_SMALL, DEFAULT_LARGE)
+  want = sizing.parse_size(size)
+  assert abs(num_params(target) - want) <= 0.03 * want
+  assert (target.num_heads, target.num_kv_heads, target.head_dim) == (6, 2, 64)
+  assert 384 <= target.hidden_size < 576 and 16 <= target.num_layers <= 22
+  assert 640 <= target.intermediate_size <= 1024 and target.intermediate_size % 128 == 0
+  transformers.LlamaConfig(hidden_size=target.hidden_size, num_attention_heads=6,
+                           num_key_value_heads=2, head_dim=64,
+                           intermediate_size=target.intermediate_size, vocab_size=49152)
+  for width in range(384, target.hidden_size, 64):
+    if width % 6:
+      continue
+    for layers in range(16, 23):
+      for ffn in range(640, 1025, 128):
+        other = target.replace(hidden_size=width, num_layers=layers, intermediate_size=ffn)
+        assert abs(num_params(other) - want) > 0.03 * want, (width, layers, ffn)
+
+
+def test_target_shapes_offer_the_large_attention_only_where_attention_is_narrow():
+  """At 46m the default chain's anchors get three candidates (line, large attention, large
+  width); at 60m no stream narrower than 576 holds 6 heads and reaches the count (384 tops out
+  near 53.5M; 448 and 512 do not split into 6 heads), and anchors whose attention fills the
+  stream (SmolLM2's) get none."""
+  line = sizing.resolve_size("46m", DEFAULT_SMALL, DEFAULT_LARGE)
+  attention = sizing.large_attention_shape("46m", DEFAULT_SMALL, DEFAULT_LARGE)
+  wide = sizing.large_width_shape("46m", DEFAULT_SMALL, DEFAULT_LARGE)
+  assert len({line, attention, wide}) == 3
+  assert sizing.target_shapes("46m", DEFAULT_LARGE, DEFAULT_SMALL) == [line, attention, wide]
+  assert sizing.target_shapes("46m", DEFAULT_SMALL, DEFAULT_LARGE, "line") == [line]
+  assert sizing.large_attention_shape("60m", DEFAULT_SMALL, DEFAULT_LARGE) is None
+  assert sizing.large_attention_shape("50m", SMOL_SMALL, SMOL) is None

@@ -146,6 +146,37 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
   return best[1]
 
 
+def _proportional_cut(want: int, base: ModelConfig, small: ModelConfig, large: ModelConfig,
+                      tol: float, ffn_multiple: int) -> ModelConfig | None:
+  """``base`` with the depth and FFN width of ``want`` params, each at most the large anchor's,
+  cut in about the same proportion: layers / L_large close to ffn / F_large for the large
+  anchor's width (from one layer), else measured from the small anchor's depth and FFN width
+  (at least those); None when none is within ``tol``, or it would be the large anchor itself."""
+  multiple = math.gcd(ffn_multiple, large.intermediate_size)
+  wide = base.hidden_size == large.hidden_size
+  zero_l, zero_f = (0, 0) if wide else (small.num_layers, small.intermediate_size)
+  best = None
+  for layers in range(max(1, zero_l), large.num_layers + 1):
+    for ffn in range(max(multiple, zero_f), large.intermediate_size + 1, multiple):
+      config = base.replace(num_layers=layers, intermediate_size=ffn)
+      error = abs(num_params(config) - want) / want
+      if error > tol or config == large or export_refusal(config):
+        continue
+      t_layers = (layers - zero_l) / max(1, large.num_layers - zero_l)
+      t_ffn = (ffn - zero_f) / max(1, large.intermediate_size - zero_f)
+      score = abs(t_layers - t_ffn) + error
+      if best is None or score < best[0]:
+        best = (score, config)
+  return None if best is None else best[1].replace(dtype=small.dtype, remat=small.remat)
+
+
+def _ordered(size, small: ModelConfig, large: ModelConfig):
+  check_compatible(small, large)
+  if num_params(small) > num_params(large):
+    small, large = large, small
+  return parse_size(size), small, large
+
+
 def large_width_shape(size: str | int, small: ModelConfig, large: ModelConfig, tol: float = 0.03,
                       ffn_multiple: int = 128) -> ModelConfig | None:
   """The shape of ``size`` params that keeps the large anchor's residual width and attention and
@@ -153,32 +184,44 @@ def large_width_shape(size: str | int, small: ModelConfig, large: ModelConfig, t
   ffn / F_large); None when no such shape is within ``tol`` of the count, or when it would be
   the large anchor itself. Shrink of the large anchor to this shape drops whole layers and FFN
   neurons only, which keeps far more of it than a narrower residual stream does."""
-  check_compatible(small, large)
-  if num_params(small) > num_params(large):
-    small, large = large, small
-  want = parse_size(size)
-  multiple = math.gcd(ffn_multiple, large.intermediate_size)
-  best = None
-  for layers in range(1, large.num_layers + 1):
-    for ffn in range(multiple, large.intermediate_size + 1, multiple):
-      config = large.replace(num_layers=layers, intermediate_size=ffn)
-      error = abs(num_params(config) - want) / want
-      if error > tol or config == large or export_refusal(config):
-        continue
-      score = abs(layers / large.num_layers - ffn / large.intermediate_size) + error
-      if best is None or score < best[0]:
-        best = (score, config)
-  return None if best is None else best[1].replace(dtype=small.dtype, remat=small.remat)
+  want, small, large = _ordered(size, small, large)
+  return _proportional_cut(want, large, small, large, tol, ffn_multiple)
+
+
+def large_attention_shape(size: str | int, small: ModelConfig, large: ModelConfig,
+                          tol: float = 0.03, ffn_multiple: int = 128) -> ModelConfig | None:
+  """For anchors whose attention is narrower than their residual stream: the shape of ``size``
+  params with the large anchor's heads and kv heads, the narrowest residual width between the
+  anchors' (a multiple of head_dim) that reaches the count, and depth and FFN width between the
+  anchors' in about the same proportion; None for other anchors or when no such shape is within
+  ``tol`` below the large anchor's width (that is `large_width_shape`). Near the small anchor
+  this keeps the small anchor's stream whole and spends the parameters where the large anchor's
+  part of the mix carries most: its extra kv groups, layers and FFN neurons, rather than a wider
+  stream that Shrink(large) cuts."""
+  want, small, large = _ordered(size, small, large)
+  if not _narrow_attention(small, large):
+    return None
+  for width in range(small.hidden_size, large.hidden_size, small.head_dim):
+    base = small.replace(hidden_size=width, num_heads=large.num_heads,
+                         num_kv_heads=large.num_kv_heads)
+    shape = _proportional_cut(want, base, small, large, tol, ffn_multiple)
+    if shape is not None:
+      return shape
+  return None
 
 
 def target_shapes(size: str | int, small: ModelConfig, large: ModelConfig,
                   shape: str = "auto") -> list[ModelConfig]:
   """Candidate shapes of ``size`` params: "line" (`resolve_size`, on the line between the
-  anchors), "large_width" (`large_width_shape`), or "auto": both, distinct (the line's first),
-  for the caller to choose between on calibration text."""
+  anchors), "large_width" (`large_width_shape`), or "auto": those two and, for anchors whose
+  attention is narrower than their residual stream, `large_attention_shape`, distinct (the
+  line's first), for the caller to choose between on calibration text."""
   if shape not in SHAPES:
     raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
   out = [] if shape == "large_width" else [resolve_size(size, small, large)]
+  attention = large_attention_shape(size, small, large) if shape == "auto" else None
+  if attention is not None and attention not in out:
+    out.append(attention)
   if shape != "line":
     wide = large_width_shape(size, small, large)
     if wide is None and shape == "large_width":
