@@ -6,9 +6,10 @@
 
 theta_target = alpha * Grow(theta_small) + (1 - alpha) * Shrink(theta_large), written as a
 Hugging Face folder (with the anchors' tokenizer) that ``transformers`` loads. By default
-(``--method cbd``) units that only the large anchor has keep its function and contribute
-(1 - alpha) of it, and the large anchor's layers and alpha are calibrated on a few thousand
-tokens of training text (the chain's own by default); ``--method paper`` is the plain formula.
+(``--method cbd``) units that only the large anchor has keep its function and contribute a share
+gamma of it (1 - alpha unless calibrated), and the large anchor's layers, alpha, gamma and the
+target's shape are calibrated on a few thousand tokens of training text (the chain's own by
+default); ``--method paper`` is the plain formula.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--shape", default="auto", choices=("auto", "line", "large_width"),
                  help="target shape: on the line between the anchors' shapes (line), the large "
                       "anchor's width and attention with fewer layers and FFN neurons "
-                      "(large_width), or both, keeping the one with the lower calibration loss "
+                      "(large_width), or those and, for anchors with attention narrower than "
+                      "their stream, the large anchor's heads on the narrowest stream, keeping "
+                      "the one with the lowest calibration loss "
                       "(auto; line when there is no calibration text)")
   p.add_argument("--method", default="cbd", choices=("cbd", "paper"),
                  help="cbd: units only the large anchor has keep its function, scaled by "
-                      "1 - alpha where they write; layers and alpha calibrated on --calib_text. "
+                      "gamma where they write; layers, alpha and gamma calibrated on --calib_text. "
                       "paper: the plain formula, alpha from parameter counts, even layers")
   p.add_argument("--alpha", type=float, default=None,
                  help="weight of the small anchor (default: calibrated with --method cbd, "
@@ -56,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="where Grow only padded: scale what the large unit writes by 1 - alpha "
                       "(output), scale all its weights (plain), or take it whole; default: the "
                       "method's (cbd: output, paper: plain)")
+  p.add_argument("--gamma", type=float, default=None,
+                 help="with --mix output: the share of their output that units only the large "
+                      "anchor has write, in [0, 1] (default: calibrated on --calib_text at the "
+                      "calibrated alpha, 1 - alpha when alpha is given or there is no text)")
   p.add_argument("--calib_text", default=None,
                  help="unlabeled text to calibrate on: text, jsonl or parquet files or a hub "
                       "dataset, read as training data (default: the chain's training data, its "
@@ -106,7 +113,8 @@ def main(argv=None) -> int:
 
   try:
     recipe = calibrate.Recipe(
-        method=args.method, alpha=args.alpha, layers=args.layers, mix=args.mix,
+        method=args.method, alpha=args.alpha, gamma=args.gamma, layers=args.layers,
+        mix=args.mix,
         shrink_method=args.shrink_method, grow_method=args.grow_method, depth=args.depth,
         align_layers=not args.no_align_layers, align_units=not args.no_align_units,
         rescale_norms=args.rescale_norms)

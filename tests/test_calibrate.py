@@ -80,32 +80,40 @@ def test_output_mix_is_the_small_anchor_at_alpha_one_and_shrink_at_zero(family):
   jax.tree.map(np.testing.assert_array_equal, mixing.mix_views(views, 0.0, "output"), views.shrunk)
 
 
-def test_output_mix_scales_only_what_padded_units_write():
+@pytest.mark.parametrize("gamma", [None, 0.8])
+def test_output_mix_scales_only_what_padded_units_write(gamma):
+  """Units only the large anchor has (new layers, new FFN neurons) read whole and write 1 - alpha
+  of their output, or gamma of it when given; shared units are alpha * grown + (1 - alpha) *
+  shrunk."""
   small, large = _chain()
   target = small[0].replace(num_layers=5, intermediate_size=64)
   views = mixing.anchor_views(small, large, target)
   alpha = 0.3
-  out = layout.flatten(mixing.mix_views(views, alpha, "output"))
+  share = 1 - alpha if gamma is None else gamma
+  out = layout.flatten(mixing.mix_views(views, alpha, "output", gamma=gamma))
   shrunk, grown = layout.flatten(views.shrunk), layout.flatten(views.grown)
   new_layers = np.flatnonzero(np.all(grown["layers/attn/q/weight"] == 0, axis=(1, 2, 3)))
   assert len(new_layers) == 2
   for path, x in out.items():
     if not path.startswith("layers/"):
       continue
-    scale = 1 - alpha if path in ("layers/attn/o/weight", "layers/mlp/down/weight") else 1.0
+    scale = share if path in ("layers/attn/o/weight", "layers/mlp/down/weight") else 1.0
     np.testing.assert_allclose(x[new_layers], scale * shrunk[path][new_layers], atol=1e-7,
                                err_msg=path)
   kept = np.setdiff1d(np.arange(5), new_layers)
   up, down = out["layers/mlp/up/weight"][kept], out["layers/mlp/down/weight"][kept]
   s_up, s_down = shrunk["layers/mlp/up/weight"][kept], shrunk["layers/mlp/down/weight"][kept]
   np.testing.assert_array_equal(up[:, 48:], s_up[:, 48:])  # New neurons read whole ...
-  np.testing.assert_allclose(down[..., 48:], (1 - alpha) * s_down[..., 48:], atol=1e-7)
+  np.testing.assert_allclose(down[..., 48:], share * s_down[..., 48:], atol=1e-7)
   np.testing.assert_allclose(up[:, :48], alpha * layout.flatten(views.grown)[
       "layers/mlp/up/weight"][kept][:, :48] + (1 - alpha) * s_up[:, :48], atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ("llama", "gpt2"))
-def test_alpha_and_layers_are_chosen_by_the_loss_on_the_first_half_of_the_rows(family):
+def test_alpha_gamma_and_layers_are_chosen_by_the_loss_on_the_first_half_of_the_rows(family):
+  """Layers by Shrink(large)'s loss, then alpha (gamma = 1 - alpha), then gamma at that alpha:
+  every recorded loss recomputed in float64 from the logits, each choice the grid's minimum, and
+  the target the mix at the chosen alpha and gamma."""
   small, large = _chain(family)
   target = small[0].replace(num_layers=4, hidden_size=40, num_heads=5, num_kv_heads=5,
                             intermediate_size=64)
@@ -128,8 +136,16 @@ def test_alpha_and_layers_are_chosen_by_the_loss_on_the_first_half_of_the_rows(f
   for a, loss in grid.items():
     assert info["alpha_losses"][a] == pytest.approx(loss, rel=1e-5), a
     assert grid[info["alpha"]] <= loss + 1e-9, (info["alpha"], a)
+  alpha, gamma = info["alpha"], info["gamma"]
+  shares = {g: _ce(target, mixing.mix_views(chosen, alpha, gamma=g), first)
+            for g in info["gamma_losses"]}
+  assert {0.0, 0.25, 0.5, 0.75, 1.0, round(1 - alpha, 4)} <= set(shares) and len(shares) >= 7
+  for g, loss in shares.items():
+    assert info["gamma_losses"][g] == pytest.approx(loss, rel=1e-5), g
+    assert shares[gamma] <= loss + 1e-9, (gamma, g)
+  assert shares[gamma] <= grid[alpha] + 1e-9  # Never worse than gamma = 1 - alpha.
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7), params,
-               mixing.mix_views(chosen, info["alpha"]))
+               mixing.mix_views(chosen, alpha, gamma=gamma))
   assert np.isfinite(np.asarray(decoder.forward(target, params, IDS))).all()
   assert any(f"alpha = {info['alpha']:.4f}" in line for line in lines)
 
@@ -180,14 +196,17 @@ def test_the_check_rows_decide_only_whether_the_gains_are_kept():
   runs = [(check, *calibrate.make_target(small, large, target,
                                          rows=np.concatenate([first, check]), log=str))
           for check in checks]
-  for key in ("large_layers", "layer_losses", "alpha_losses", "gain_alpha", "fitted_gains"):
+  for key in ("large_layers", "layer_losses", "alpha_losses", "gamma_losses", "gain_alpha",
+              "gain_gamma", "fitted_gains"):
     assert len({str(info.get(key)) for _, _, info in runs}) == 1, key
   for check, params, info in runs:
     views = mixing.anchor_views(small, large, target, rescale_norms=True,
                                 large_layers=info["large_layers"])
-    plain = mixing.mix_views(views, min(info["alpha_losses"], key=info["alpha_losses"].get))
-    gained = calibrate.scale_outputs(mixing.mix_views(views, info["gain_alpha"]),
-                                     np.asarray(info["fitted_gains"], np.float32))
+    plain = mixing.mix_views(views, min(info["alpha_losses"], key=info["alpha_losses"].get),
+                             gamma=min(info["gamma_losses"], key=info["gamma_losses"].get))
+    gained = calibrate.scale_outputs(
+        mixing.mix_views(views, info["gain_alpha"], gamma=info["gain_gamma"]),
+        np.asarray(info["fitted_gains"], np.float32))
     before, after = info["gain_check_losses"]
     assert before == pytest.approx(_ce(target, plain, check), rel=1e-5)
     assert after == pytest.approx(_ce(target, gained, check), rel=1e-5)
@@ -330,6 +349,10 @@ def test_bad_recipes_are_refused():
     calibrate.Recipe(layers="best")
   with pytest.raises(ValueError, match="outside"):
     calibrate.Recipe(alpha=2.0)
+  with pytest.raises(ValueError, match="gamma=1.5: .* in \\[0, 1\\]"):
+    calibrate.Recipe(gamma=1.5)
+  with pytest.raises(ValueError, match="only the output mix"):
+    calibrate.Recipe(mix="plain", gamma=0.5)
 
 
 def test_of_several_shapes_the_target_with_the_lowest_calibration_loss_is_kept():

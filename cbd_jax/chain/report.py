@@ -53,7 +53,7 @@ def chain_models(workdir: str | Path) -> list[dict[str, Any]]:
     info = json.loads(summary.read_text())
     models.append({"name": f"target {info['size']}", "role": "target",
                    "path": str(summary.parent), "config": info["config"], "tokens": 0,
-                   "teacher_flops": 0, "alpha": info["alpha"],
+                   "teacher_flops": 0, "alpha": info["alpha"], "gamma": info.get("gamma"),
                    "anchors": [Path(info["small_anchor"]).name, Path(info["large_anchor"]).name]})
   return models
 
@@ -160,7 +160,9 @@ def format_report(report: dict) -> str:
   for m in models:
     if m["role"] == "target":
       out.append(f"{m['name']}: interpolated from {m['anchors'][0]} and {m['anchors'][1]} "
-                 f"(alpha {m['alpha']:.3f}); teacher calls spent on it: 0, training tokens: 0.")
+                 f"(alpha {m['alpha']:.3f}"
+                 + (f", gamma {m['gamma']:.3f}" if m.get("gamma") is not None else "")
+                 + "); teacher calls spent on it: 0, training tokens: 0.")
   out += [f"{m['name']} tasks: {harness.format_task_scores(m['tasks'])}"
           for m in models if m.get("tasks")]
   files = report["files"]

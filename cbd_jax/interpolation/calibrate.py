@@ -7,7 +7,8 @@ anchor's own distributions) on token rows the caller gives, never on held-out te
   (`layer_sets`: evenly spread, by block influence, or by block influence re-measured after
   each layer is dropped; the one whose Shrink(large) has the lowest loss is kept),
 - alpha, the weight of the small anchor (`mixing.choose_alpha`: a grid, then a finer grid around
-  the best point), and
+  the best point), then gamma, the share of their output that units only the large anchor has
+  write (`mixing.choose_gamma`, the same search at that alpha; 1 - alpha among its points), and
 - per-layer gains of each attention and MLP output (`fit_residual_gains`: 30 Adam steps on the
   gains alone, towards the large anchor's next-token distributions), kept only if they lower
   the target's loss on the rows held back for that check (`split_rows`) by more than the rows'
@@ -65,6 +66,10 @@ class Recipe:
   alpha from parameter counts, evenly spread layers. ``alpha`` or ``mix`` given: used as is
   (``mix`` defaults to the method's: "output" for cbd, "plain" for paper).
 
+  ``gamma`` (the "output" mix only): the share of their output that units only the large anchor
+  has write; None: chosen on the calibration rows at the calibrated alpha (`mixing.choose_gamma`)
+  when there are rows and alpha is not given, else 1 - alpha.
+
   ``rescale_norms`` (default: on for cbd, off for paper): Grow(small) multiplies its norm scales
   by sqrt(D_small / D_target), so that at alpha = 1 the target computes the small anchor's
   function exactly (RMSNorm over zero-padded channels otherwise divides by a smaller root mean
@@ -83,6 +88,7 @@ class Recipe:
   align_units: bool = True
   gains: bool = True
   rescale_norms: bool | None = None
+  gamma: float | None = None
 
   def __post_init__(self):
     checks = (("method", self.method, METHODS), ("layers", self.layers, ("auto",) + LAYER_CHOICES),
@@ -94,6 +100,9 @@ class Recipe:
       raise ValueError(f"alpha={self.alpha} is outside [0, 1]; alpha weights the small anchor")
     if self.mix is None:
       object.__setattr__(self, "mix", "output" if self.method == "cbd" else "plain")
+    if self.gamma is not None and not (self.mix == "output" and 0.0 <= self.gamma <= 1.0):
+      raise ValueError(f"gamma={self.gamma}: gamma is the share of their output that units only "
+                       "the large anchor has write, in [0, 1], and only the output mix has it")
     if self.rescale_norms is None:
       object.__setattr__(self, "rescale_norms", self.method == "cbd")
 
@@ -148,32 +157,34 @@ def _choose_views(small, large, target, recipe: Recipe, shrink: str, rows, log):
   return views[choice], info
 
 
-def _choose_alpha_and_gains(target, views, alphas, mix, large, rows, check_rows, log
+def _choose_alpha_and_gains(target, views, mixes, mix, large, rows, check_rows, log
                             ) -> tuple[dict, dict]:
   """(params, info): per-layer residual gains fitted on ``rows`` towards the large anchor for
-  the mix at each of ``alphas`` (the calibrated alpha first), and the alpha whose gained mix
-  has the lowest loss on ``rows``; alpha and gains are kept only if they lower the target's
-  loss on ``check_rows`` (used for nothing else) clearly below that of the mix at the calibrated
-  alpha without gains (`clear_gain`), else the calibrated alpha stays (``info["alpha"]``)."""
+  the mix at each (alpha, gamma) of ``mixes`` (the calibrated one first), and the alpha whose
+  gained mix has the lowest loss on ``rows``; alpha and gains are kept only if they lower the
+  target's loss on ``check_rows`` (used for nothing else) clearly below that of the calibrated
+  mix without gains (`clear_gain`), else the calibrated mix stays (``info["alpha"]``,
+  ``info["gamma"]``)."""
   best = None
-  for alpha in alphas:
-    mixed = mixing.mix_views(views, alpha, mix)
+  for alpha, gamma in mixes:
+    mixed = mixing.mix_views(views, alpha, mix, gamma=gamma)
     gains, _ = fit_residual_gains(target, mixed, large, rows)
     gained = scale_outputs(mixed, gains)
     loss = heldout.mean_nll(target, gained, rows)
     log(f"alpha = {alpha:.4f} with residual gains: calibration loss {loss:.4f}")
     if best is None or loss < best[0]:
-      best = (loss, alpha, gains, gained)
-  _, alpha, gains, gained = best
-  plain = mixing.mix_views(views, alphas[0], mix)
+      best = (loss, (alpha, gamma), gains, gained)
+  _, (alpha, gamma), gains, gained = best
+  plain = mixing.mix_views(views, mixes[0][0], mix, gamma=mixes[0][1])
   rows_before = heldout.row_nlls(target, plain, check_rows)
   rows_after = heldout.row_nlls(target, gained, check_rows)
   before, after = float(rows_before.mean()), float(rows_after.mean())
   keep = clear_gain(rows_before, rows_after)
   log(f"residual gains (alpha = {alpha:.4f}): check loss {before:.4f} -> {after:.4f} "
       f"({'kept' if keep else 'dropped: not a clear gain on the check rows'})")
-  info = {"alpha": alpha if keep else alphas[0], "gains": gains.tolist() if keep else None,
-          "gain_alpha": alpha, "fitted_gains": gains.tolist(),
+  alpha, gamma = (alpha, gamma) if keep else mixes[0]
+  info = {"alpha": alpha, "gamma": gamma, "gains": gains.tolist() if keep else None,
+          "gain_alpha": best[1][0], "gain_gamma": best[1][1], "fitted_gains": gains.tolist(),
           "gain_check_losses": [before, after]}
   return (gained if keep else plain), info
 
@@ -207,37 +218,53 @@ def _aligned(small, large, r: Recipe):
 
 
 def _calibrated_mix(small, large, shrink: str, target: ModelConfig, r: Recipe, rows, log):
-  """(views, alpha, info): layers and alpha of ``target`` chosen on the choice half of ``rows``
-  (`_choose_views`, `mixing.choose_alpha`), before any gains; ``large`` and ``shrink`` from
-  `_aligned`."""
+  """(views, alpha, gamma, info): layers, alpha and gamma of ``target`` chosen on the choice half
+  of ``rows`` (`_choose_views`, `mixing.choose_alpha`, `mixing.choose_gamma`), before any gains;
+  ``large`` and ``shrink`` from `_aligned`; ``info["choice_loss"]``: the mix's loss on those
+  rows (None without rows)."""
   small_config, large_config = small[0], large[0]
   choice_rows, _ = split_rows(rows)
   views, info = _choose_views(small, large, target, r, shrink, choice_rows, log)
   info.update(method=r.method, mix=r.mix,
               calibration_tokens=0 if rows is None else int(rows[:, 1:].size))
-  alpha = r.alpha
+  alpha, gamma, info["choice_loss"] = r.alpha, r.gamma, None
   if alpha is None and rows is not None:
     alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
+    info["choice_loss"] = info["alpha_losses"][alpha]
+    if gamma is None and r.mix == "output":
+      gamma, info["gamma_losses"] = mixing.choose_gamma(target, views, alpha, choice_rows)
+      info["choice_loss"] = info["gamma_losses"][gamma]
+      log("  gamma (share of their output that the large anchor's own units write): "
+          + ", ".join(f"{g:g} {v:.4f}" for g, v in info["gamma_losses"].items())
+          + f"; keeping {gamma:g}")
   elif alpha is None:
     alpha = mixing.default_alpha(small_config, large_config, target)
-  return views, alpha, info
+  if info["choice_loss"] is None and rows is not None:  # An explicit alpha: its loss.
+    info["choice_loss"] = mixing.mixed_loss(target, views, alpha, r.mix, choice_rows, gamma=gamma)
+  info["gamma"] = gamma
+  return views, alpha, gamma, info
 
 
-def _finish(target: ModelConfig, views, alpha: float, info: dict, large, r: Recipe, rows, log):
-  """(params, info): the mix at ``alpha``, with residual gains where the check rows show a
-  clear gain (`_choose_alpha_and_gains`)."""
+def _finish(target: ModelConfig, views, alpha: float, gamma: float | None, info: dict, large,
+            r: Recipe, rows, log):
+  """(params, info): the mix at ``alpha`` and ``gamma``, with residual gains where the check rows
+  show a clear gain (`_choose_alpha_and_gains`)."""
   choice_rows, check_rows = split_rows(rows)
   if rows is not None and check_rows is None and r.gains:
     log("one calibration row: no rows left to check residual gains on; none fitted")
   if check_rows is not None and r.gains:  # Shrink(large) with gains competes with the mix.
-    alphas = [alpha] if r.alpha is not None or alpha == 0.0 else [alpha, 0.0]
-    params, gain_info = _choose_alpha_and_gains(target, views, alphas, r.mix, large, choice_rows,
+    mixes = [(alpha, gamma)] if r.alpha is not None or alpha == 0.0 else [(alpha, gamma),
+                                                                            (0.0, None)]
+    params, gain_info = _choose_alpha_and_gains(target, views, mixes, r.mix, large, choice_rows,
                                                 check_rows, log)
     info.update(gain_info)
   else:
-    params, info["alpha"] = mixing.mix_views(views, alpha, r.mix), alpha
-  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor), mix {r.mix}, large-anchor "
-      f"layers {info['layer_choice']}" + (", residual gains" if info.get("gains") else ""))
+    params = mixing.mix_views(views, alpha, r.mix, gamma=gamma)
+    info.update(alpha=alpha, gamma=gamma)
+  gamma_note = f", gamma = {info['gamma']:.4f}" if info.get("gamma") is not None else ""
+  log(f"alpha = {info['alpha']:.4f} (weight of the small anchor){gamma_note}, mix {r.mix}, "
+      f"large-anchor layers {info['layer_choice']}"
+      + (", residual gains" if info.get("gains") else ""))
   return params, info
 
 
@@ -255,8 +282,8 @@ def make_target(small, large, target: ModelConfig, recipe: Recipe | None = None,
         "method": r.method, "alpha": alpha, "mix": r.mix, "layer_choice": None}
   rows = rows if r.method == "cbd" else None
   large, shrink = _aligned(small, large, r)
-  views, alpha, info = _calibrated_mix(small, large, shrink, target, r, rows, log)
-  return _finish(target, views, alpha, info, large, r, rows, log)
+  views, alpha, gamma, info = _calibrated_mix(small, large, shrink, target, r, rows, log)
+  return _finish(target, views, alpha, gamma, info, large, r, rows, log)
 
 
 def make_sized_target(small, large, shapes: list[ModelConfig], recipe: Recipe | None = None,
@@ -277,17 +304,15 @@ def make_sized_target(small, large, shapes: list[ModelConfig], recipe: Recipe | 
   for shape in shapes:
     log(f"target shape {shape.num_layers} x {shape.hidden_size} (ffn {shape.intermediate_size}, "
         f"{shape.num_heads} heads):")
-    views, alpha, info = _calibrated_mix(small, aligned, shrink, shape, r, rows, log)
-    loss = info.get("alpha_losses", {}).get(alpha)
-    if loss is None:  # An explicit alpha: its loss on the choice rows.
-      loss = mixing.mixed_loss(shape, views, alpha, r.mix, split_rows(rows)[0])
+    views, alpha, gamma, info = _calibrated_mix(small, aligned, shrink, shape, r, rows, log)
+    loss = info["choice_loss"]
     log(f"  calibration loss at alpha = {alpha:.4f}: {loss:.4f}")
-    made.append((loss, shape, views, alpha, info))
-  loss, shape, views, alpha, info = min(made, key=lambda m: m[0])
+    made.append((loss, shape, views, alpha, gamma, info))
+  loss, shape, views, alpha, gamma, info = min(made, key=lambda m: m[0])
   log(f"target shape: {shape.num_layers} x {shape.hidden_size} (calibration loss {loss:.4f})")
   info["shape_losses"] = {f"{m[1].num_layers}x{m[1].hidden_size}/ffn{m[1].intermediate_size}":
                           m[0] for m in made}
-  params, info = _finish(shape, views, alpha, info, aligned, r, rows, log)
+  params, info = _finish(shape, views, alpha, gamma, info, aligned, r, rows, log)
   return shape, params, info
 
 

@@ -8,7 +8,7 @@ own loss on token ids the caller provides.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -169,6 +169,29 @@ def mixed_loss(target_config: ModelConfig, views: Views, alpha: float, mix: str,
   return heldout.total_nll(fn, ids_NxT, batch_size) / ids_NxT[:, 1:].size
 
 
+def _grid_search(score: Callable[[float], float], grid: Sequence[float], refinements: int,
+                 extra: Sequence[float] = ()) -> tuple[float, dict[float, float]]:
+  """(x, {x: loss}): ``score`` at every point of ``grid`` (evenly spaced in [0, 1]) and of
+  ``extra``, then ``refinements`` times at the two points half a grid step (then a quarter, ...)
+  on either side of the best."""
+  losses: dict[float, float] = {}
+
+  def at(x):
+    x = float(np.clip(round(x, 4), 0.0, 1.0))
+    if x not in losses:
+      losses[x] = score(x)
+
+  for x in (*grid, *extra):
+    at(x)
+  step = (grid[1] - grid[0]) / 2 if len(grid) > 1 else 0.0
+  for _ in range(refinements):
+    best = min(losses, key=losses.get)
+    at(best - step)
+    at(best + step)
+    step /= 2
+  return min(losses, key=losses.get), dict(sorted(losses.items()))
+
+
 def choose_alpha(target_config: ModelConfig, views: Views, mix: str, ids_NxT: np.ndarray,
                  grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), refinements: int = 2,
                  batch_size: int = 8) -> tuple[float, dict[float, float]]:
@@ -177,19 +200,20 @@ def choose_alpha(target_config: ModelConfig, views: Views, mix: str, ids_NxT: np
   then ``refinements`` times the two points half a grid step (then a quarter, ...) on either
   side of the best so far."""
   views = jax.device_put(views)
-  losses: dict[float, float] = {}
+  return _grid_search(
+      lambda a: mixed_loss(target_config, views, a, mix, ids_NxT, batch_size), grid, refinements)
 
-  def score(a):
-    a = float(np.clip(round(a, 4), 0.0, 1.0))
-    if a not in losses:
-      losses[a] = mixed_loss(target_config, views, a, mix, ids_NxT, batch_size)
 
-  for a in grid:
-    score(a)
-  step = (grid[1] - grid[0]) / 2 if len(grid) > 1 else 0.0
-  for _ in range(refinements):
-    best = min(losses, key=losses.get)
-    score(best - step)
-    score(best + step)
-    step /= 2
-  return min(losses, key=losses.get), dict(sorted(losses.items()))
+def choose_gamma(target_config: ModelConfig, views: Views, alpha: float, ids_NxT: np.ndarray,
+                 grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), refinements: int = 2,
+                 batch_size: int = 8) -> tuple[float, dict[float, float]]:
+  """(gamma, {gamma: loss}): for the "output" mix at ``alpha``, the share of their output that
+  units only the large anchor has write (`mix_views`), by the target's own loss on ``ids``: the
+  `choose_alpha` search over gamma, with gamma = 1 - alpha (the mix's default) scored too, so
+  the choice is never worse than the default on these rows. Near the small anchor (alpha close
+  to 1) the shared units must stay close to the small anchor's, while the large anchor's own
+  units (its extra heads, neurons and layers) carry more than 1 - alpha of their function."""
+  views = jax.device_put(views)
+  score = lambda g: mixed_loss(target_config, views, alpha, "output", ids_NxT, batch_size,  # noqa: E731
+                               gamma=g)
+  return _grid_search(score, grid, refinements, extra=(1.0 - alpha,))
