@@ -8,7 +8,8 @@ anchor's own distributions) on token rows the caller gives, never on held-out te
   each layer is dropped; the one whose Shrink(large) has the lowest loss is kept),
 - alpha, the weight of the small anchor (`mixing.choose_alpha`: a grid, then a finer grid around
   the best point), then gamma, the share of their output that units only the large anchor has
-  write (`mixing.choose_gamma`, the same search at that alpha; 1 - alpha among its points), and
+  write (`mixing.choose_gamma`, the same search at that alpha; kept over 1 - alpha only on a
+  clear gain on the check rows), and
 - per-layer gains of each attention and MLP output (`fit_residual_gains`: 30 Adam steps on the
   gains alone, towards the large anchor's next-token distributions), kept only if they lower
   the target's loss on the rows held back for that check (`split_rows`) by more than the rows'
@@ -67,8 +68,9 @@ class Recipe:
   (``mix`` defaults to the method's: "output" for cbd, "plain" for paper).
 
   ``gamma`` (the "output" mix only): the share of their output that units only the large anchor
-  has write; None: chosen on the calibration rows at the calibrated alpha (`mixing.choose_gamma`)
-  when there are rows and alpha is not given, else 1 - alpha.
+  has write; None: chosen on the choice rows at the calibrated alpha (`mixing.choose_gamma`) and
+  kept where the check rows show a clear gain over 1 - alpha, when there are rows and alpha is
+  not given; else 1 - alpha.
 
   ``rescale_norms`` (default: on for cbd, off for paper): Grow(small) multiplies its norm scales
   by sqrt(D_small / D_target), so that at alpha = 1 the target computes the small anchor's
@@ -112,8 +114,8 @@ METHODS = ("cbd", "paper")
 
 def split_rows(rows: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
   """(choice rows, check rows): the first half of the calibration rows makes every choice
-  (layers, alpha, residual gains); the second, never used for a choice, only decides whether the
-  gains are kept. One row: no check rows (and no gains)."""
+  (layers, alpha, gamma, residual gains); the second, never used for a choice, only decides
+  whether gamma and the gains are kept. One row: no check rows (gamma = 1 - alpha, no gains)."""
   if rows is None:
     return None, None
   half = (len(rows) + 1) // 2
@@ -232,17 +234,35 @@ def _calibrated_mix(small, large, shrink: str, target: ModelConfig, r: Recipe, r
     alpha, info["alpha_losses"] = mixing.choose_alpha(target, views, r.mix, choice_rows)
     info["choice_loss"] = info["alpha_losses"][alpha]
     if gamma is None and r.mix == "output":
-      gamma, info["gamma_losses"] = mixing.choose_gamma(target, views, alpha, choice_rows)
-      info["choice_loss"] = info["gamma_losses"][gamma]
-      log("  gamma (share of their output that the large anchor's own units write): "
-          + ", ".join(f"{g:g} {v:.4f}" for g, v in info["gamma_losses"].items())
-          + f"; keeping {gamma:g}")
+      gamma = _checked_gamma(target, views, alpha, rows, info, log)
   elif alpha is None:
     alpha = mixing.default_alpha(small_config, large_config, target)
   if info["choice_loss"] is None and rows is not None:  # An explicit alpha: its loss.
     info["choice_loss"] = mixing.mixed_loss(target, views, alpha, r.mix, choice_rows, gamma=gamma)
-  info["gamma"] = gamma
+  info["gamma"] = info["mix_gamma"] = gamma
   return views, alpha, gamma, info
+
+
+def _checked_gamma(target: ModelConfig, views, alpha: float, rows, info: dict, log) -> float | None:
+  """gamma chosen on the choice half of ``rows`` (`mixing.choose_gamma`) where the check half
+  confirms it: a clear gain (`clear_gain`) over gamma = 1 - alpha there; else None (1 - alpha).
+  Records the losses in ``info`` and sets ``info["choice_loss"]`` to the kept mix's."""
+  choice_rows, check_rows = split_rows(rows)
+  gamma, losses = mixing.choose_gamma(target, views, alpha, choice_rows)
+  coupled = min(losses, key=lambda g: abs(g - (1.0 - alpha)))  # 1 - alpha, as the grid rounds it.
+  info["gamma_losses"] = losses
+  keep = False
+  if gamma != coupled and check_rows is not None:
+    before, after = (heldout.row_nlls(target, mixing.mix_views(views, alpha, "output", gamma=g),
+                                      check_rows) for g in (None, gamma))
+    keep = clear_gain(before, after)
+    info["gamma_check_losses"] = [float(before.mean()), float(after.mean())]
+  log("  gamma (share of their output that the large anchor's own units write): "
+      + ", ".join(f"{g:g} {v:.4f}" for g, v in losses.items())
+      + (f"; keeping {gamma:g}" if keep else f"; keeping 1 - alpha = {1.0 - alpha:g}"
+         + (" (not a clear gain on the check rows)" if gamma != coupled else "")))
+  info["choice_loss"] = losses[gamma if keep else coupled]
+  return gamma if keep else None
 
 
 def _finish(target: ModelConfig, views, alpha: float, gamma: float | None, info: dict, large,
