@@ -120,7 +120,8 @@ def run(args) -> dict:
       row = {"small": s_name, "large": l_name, "num_params": num_params(target),
              "shape": f"{target.num_layers} x {target.hidden_size}",
              "cbd_shape": sizing.describe(cbd_shape), "cbd_num_params": num_params(cbd_shape),
-             "alpha": info["alpha"], "layers": info.get("layer_choice"),
+             "alpha": info["alpha"], "gamma": info.get("gamma"),
+             "layers": info.get("layer_choice"),
              "ppl": {m: ppl(cbd_shape if m == "cbd" else target, p) for m, p in inits.items()},
              "seconds": round(time.time() - start, 1)}
       sizes.append(row)
