@@ -90,6 +90,14 @@ def shape_at(small: ModelConfig, large: ModelConfig, layers: int, width: int,
   return config, t, distance
 
 
+def _ordered(size, small: ModelConfig, large: ModelConfig) -> tuple[int, ModelConfig, ModelConfig]:
+  """(requested count, smaller anchor, larger anchor), the anchors checked to be compatible."""
+  check_compatible(small, large)
+  if num_params(small) > num_params(large):
+    small, large = large, small
+  return parse_size(size), small, large
+
+
 def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: float = 0.03,
                  width_multiple: int | None = None, ffn_multiple: int = 128) -> ModelConfig:
   """The config of ``size`` params between two anchors (either order) of one family.
@@ -102,10 +110,7 @@ def resolve_size(size: str | int, small: ModelConfig, large: ModelConfig, tol: f
   are tried only when no other candidate fits). Among candidates within ``tol`` of the requested
   count, the one minimising (distance from the line + relative count error) wins.
   """
-  check_compatible(small, large)
-  if num_params(small) > num_params(large):
-    small, large = large, small
-  want = parse_size(size)
+  want, small, large = _ordered(size, small, large)
   p_small, p_large = num_params(small), num_params(large)
   if not p_small * (1 - tol) <= want <= p_large * (1 + tol):
     raise ValueError(f"size {size} ({format_count(want)}) is outside the anchors' range "
@@ -168,13 +173,6 @@ def _proportional_cut(want: int, base: ModelConfig, small: ModelConfig, large: M
       if best is None or score < best[0]:
         best = (score, config)
   return None if best is None else best[1].replace(dtype=small.dtype, remat=small.remat)
-
-
-def _ordered(size, small: ModelConfig, large: ModelConfig):
-  check_compatible(small, large)
-  if num_params(small) > num_params(large):
-    small, large = large, small
-  return parse_size(size), small, large
 
 
 def large_width_shape(size: str | int, small: ModelConfig, large: ModelConfig, tol: float = 0.03,
